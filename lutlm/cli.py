@@ -1,0 +1,268 @@
+"""The `lutlm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
+
+
+def set_threads(n: int | None) -> None:
+    if not n:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    from lutlm.kernels import cpu
+
+    if cpu.available():
+        cpu.set_num_threads(n)
+
+
+def _load(args):
+    from lutlm.loader import load_model
+
+    set_threads(args.threads)
+    start = time.perf_counter()
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
+    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model, tokenizer, checkpoint
+
+
+def describe(checkpoint, model) -> str:
+    """What a model is: architecture, shapes, storage types, size and bits per weight."""
+    c = checkpoint.config
+    lines = [
+        f"model:        {c.name or os.path.basename(checkpoint.source)}",
+        f"source:       {checkpoint.source}",
+        f"architecture: {c.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"MLP {c.intermediate_size}, heads {c.num_attention_heads} (kv {c.num_key_value_heads}), "
+        f"head dim {c.head_dim}, vocab {c.vocab_size}, context {c.max_position_embeddings}",
+        f"rope:         theta {c.rope_theta:g}" + (f", scaling {c.rope_scaling}" if c.rope_scaling else ""),
+        f"embeddings:   {'tied' if c.tie_word_embeddings else 'separate output head'}",
+    ]
+    types = Counter(checkpoint.tensor_types.values())
+    lines.append("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_params += sum(w.out_features * w.in_features for w in checkpoint.packed.values())
+    lines.append(f"parameters:   {n_params / 1e6:.1f} M")
+    stored_bits = checkpoint_storage_bits(checkpoint)
+    if stored_bits:
+        lines.append(f"file size:    {stored_bits / 8 / 2**20:.1f} MiB, {stored_bits / n_params:.2f} bits per weight")
+    if checkpoint.quantization:
+        lines.append(f"quantization: {checkpoint.quantization}")
+    return "\n".join(lines)
+
+
+def linear_kinds(model) -> str:
+    """How the model's linear layers compute, e.g. "210 x PackedLinear(cpu), 1 x Linear"."""
+    kinds = Counter(
+        f"{type(m).__name__}({m.backend_name})" if hasattr(m, "backend_name") else type(m).__name__
+        for m in model.modules() if hasattr(m, "in_features")
+    )
+    return ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
+
+
+def checkpoint_storage_bits(checkpoint) -> int:
+    path = checkpoint.source
+    if os.path.isfile(path):
+        return os.path.getsize(path) * 8
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(".safetensors"))
+    return total * 8
+
+
+def cmd_info(args) -> None:
+    model, _, checkpoint = _load(args)
+    print(describe(checkpoint, model))
+
+
+def _sampling(args):
+    from lutlm.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.n_predict, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repeat_penalty, stop=args.stop or [], seed=args.seed,
+    )
+
+
+def _print_speed(stats) -> None:
+    print(
+        f"\n[prompt {stats.prompt_tokens} tokens, prefill {stats.prefill_tokens_per_second:.1f} tokens/s | "
+        f"generated {stats.generated_tokens} tokens, decode {stats.decode_tokens_per_second:.1f} tokens/s | "
+        f"finish: {stats.finish_reason}]",
+        file=sys.stderr,
+    )
+
+
+def _stream(generator, prompt_ids, params) -> str:
+    pieces = []
+    for piece in generator.stream_text(prompt_ids, params):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print()
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> None:
+    from lutlm.generate import Generator
+
+    model, tokenizer, _ = _load(args)
+    generator = Generator(model, tokenizer, args.ctx)
+    _stream(generator, tokenizer.encode(args.prompt), _sampling(args))
+    _print_speed(generator.stats)
+
+
+def cmd_chat(args) -> None:
+    from lutlm.generate import Generator
+
+    model, tokenizer, _ = _load(args)
+    generator = Generator(model, tokenizer, args.ctx)
+    params = _sampling(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        answer = _stream(generator, prompt, params)
+        _print_speed(generator.stats)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def cmd_demo(args) -> None:
+    """The quick start's main job: what the bundled model is, one chat answer, its speed."""
+    import torch
+
+    from lutlm.generate import Generator, SamplingParams
+
+    model, tokenizer, checkpoint = _load(args)
+    print(describe(checkpoint, model))
+    print(f"\nthreads: {torch.get_num_threads()}, linear layers: {linear_kinds(model)}")
+    print(f"\nuser: {DEMO_PROMPT}\nassistant: ", end="", flush=True)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}]))
+    generator = Generator(model, tokenizer, args.ctx)
+    _stream(generator, prompt, SamplingParams(max_new_tokens=args.n_predict))
+    s = generator.stats
+    print(f"\nprefill: {s.prefilled_tokens} tokens at {s.prefill_tokens_per_second:.1f} tokens/s")
+    print(f"decode:  {s.generated_tokens} tokens at {s.decode_tokens_per_second:.1f} tokens/s")
+
+
+def cmd_ppl(args) -> None:
+    from lutlm.perplexity import model_perplexity, perplexity_tokens, read_text, score_chunks
+
+    model, tokenizer, checkpoint = _load(args)
+    text = read_text(args.text)
+    exclude = None
+    calibration = (checkpoint.quantization or {}).get("calibration")
+    if calibration and os.path.basename(calibration.get("text", "")) == os.path.basename(args.text):
+        exclude = tuple(calibration["token_range"])
+        print(f"leaving out tokens {exclude[0]}..{exclude[1]}: the quantizer calibrated on them", file=sys.stderr)
+    results = {"lutlm": model_perplexity(model, tokenizer, text, args.ctx, args.max_chunks, exclude)}
+    if args.peer:
+        from lutlm import peer
+
+        if not peer.available():
+            raise RuntimeError("--peer needs llama-cpp-python: pip install -e '.[peer]' (or make peer)")
+        if not os.path.isfile(checkpoint.source):
+            raise ValueError("--peer runs llama.cpp on the same GGUF file; -m must name a GGUF file")
+        llama = peer.LlamaCpp(checkpoint.source, n_ctx=args.ctx, n_threads=args.threads)
+        tokens, bos = perplexity_tokens(tokenizer, text)  # the very tokens lutlm scored
+        results["llama.cpp"] = score_chunks(llama.logits, tokens, args.ctx, args.max_chunks, exclude, bos)
+    for name, r in results.items():
+        low, high = r.ppl_interval
+        print(f"{name}: perplexity {r.perplexity:.4f} (95% interval {low:.4f}-{high:.4f}) over "
+              f"{r.tokens_scored} scored tokens in {r.chunks} chunks of {r.ctx}")
+    if args.peer:
+        ratio = results["lutlm"].perplexity / results["llama.cpp"].perplexity
+        print(f"lutlm / llama.cpp = {ratio:.5f} ({(ratio - 1) * 100:+.3f}%)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file, Hugging Face folder or lutlm packed folder "
+                                         "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
+                   help="kernel for packed weights (default: the fastest available)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help="maximum new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ctx", type=int, default=2048, help="context length to allocate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lutlm", description="Low-bit LLM inference by table lookup")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe a model")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    add_sampling_args(p, n_predict=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model's chat template")
+    add_model_args(p)
+    p.add_argument("--system", help="system message")
+    add_sampling_args(p, n_predict=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="describe the model, answer one chat prompt, report speed")
+    add_model_args(p)
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=512)
+    p.set_defaults(func=cmd_demo)
+
+    from lutlm.perplexity import DEFAULT_TEXT
+
+    p = sub.add_parser("ppl", help="perplexity over a text file")
+    add_model_args(p)
+    p.add_argument("--text", default=DEFAULT_TEXT, help=f"text file (default: {DEFAULT_TEXT})")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-chunks", type=int, help="score at most this many chunks")
+    p.add_argument("--peer", action="store_true",
+                   help="also score llama.cpp on the same GGUF and the same tokens, in this run")
+    p.set_defaults(func=cmd_ppl)
+
+    from lutlm import serve
+
+    serve.add_parser(sub)
+
+    from lutlm.bench import serve_load
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    serve_load.add_parser(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"lutlm: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

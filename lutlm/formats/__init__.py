@@ -1,0 +1,66 @@
+"""Model file formats: GGUF, Hugging Face folders, and lutlm's packed folders.
+
+Every loader returns a ``Checkpoint``: one config, float tensors under Hugging Face
+Llama names, the tokenizer description, and (packed folders only) low-bit weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from lutlm.config import ModelConfig
+from lutlm.formats.packed import PackedWeight
+
+
+@dataclass
+class TokenizerSpec:
+    """What the tokenizer is built from: a tokenizer.json text, or a GGUF vocabulary."""
+
+    tokenizer_json: str | None = None  # Hugging Face tokenizers serialization
+    gguf_model: str | None = None  # tokenizer.ggml.model, e.g. "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    gguf_pre: str | None = None  # tokenizer.ggml.pre, the pre-tokenizer name
+    tokens: list[str] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
+    token_types: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos_token: bool = False
+    chat_template: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    # Hugging Face Llama names ("model.layers.0.self_attn.q_proj.weight", ...), float32,
+    # q/k rows in Hugging Face's rotary layout (GGUF's interleaved layout undone at load).
+    tensors: dict[str, torch.Tensor]
+    tokenizer: TokenizerSpec
+    source: str
+    # Storage type of each tensor in the file ("Q4_1", "F32", "lutlm-2bit-g64", ...), for `lutlm info`.
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    # Low-bit linears by module name ("model.layers.0.mlp.up_proj"), packed folders only.
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
+    # Free-form description of how the weights were quantized (packed folders only).
+    quantization: dict | None = None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a GGUF file, a Hugging Face model folder or a lutlm packed folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "lutlm.json")):
+            from lutlm.formats.packed_model import load_packed_model
+
+            return load_packed_model(path)
+        from lutlm.formats.hf import load_hf_folder
+
+        return load_hf_folder(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model file or folder")
+    from lutlm.formats.gguf import load_gguf
+
+    return load_gguf(path)

@@ -1,0 +1,40 @@
+"""mpGEMM kernels behind one interface.
+
+A backend is a module with three functions:
+
+    available() -> bool                      can it run here (CPU features, a GPU, the built library)
+    prepare(w: PackedWeight) -> handle       convert the canonical packed layout to its own, once
+    matmul(x, handle) -> y                   x float [..., K] -> y float [..., N]
+
+``reference`` dequantizes in PyTorch and is the ground truth for the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+BACKENDS = {
+    "reference": "lutlm.kernels.reference",
+    "cpu": "lutlm.kernels.cpu",
+    "cuda": "lutlm.kernels.gpu",
+}
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module = importlib.import_module(BACKENDS[name])
+    if not module.available():
+        raise RuntimeError(f"kernel backend {name!r} is not available on this machine")
+    return module
+
+
+def default_backend(device: str = "cpu") -> str:
+    """The fastest backend that runs on `device`, falling back to the reference."""
+    preferred = "cuda" if device.startswith("cuda") else "cpu"
+    try:
+        get_backend(preferred)
+        return preferred
+    except (ImportError, RuntimeError):
+        return "reference"

@@ -1,0 +1,50 @@
+"""The model's one linear-layer boundary.
+
+The model builds every projection with ``torch.nn.Linear``; quantized models replace those
+modules with ``PackedLinear``, which hands the product to a kernel backend. The model
+code never changes with the weight format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lutlm.formats.packed import PackedWeight
+from lutlm.kernels import default_backend, get_backend
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, weight: PackedWeight, backend: str | None = None):
+        super().__init__()
+        self.weight_packed = weight
+        self.backend_name = backend or default_backend("cpu")
+        self._backend = get_backend(self.backend_name)
+        self._handle = self._backend.prepare(weight)
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._backend.matmul(x, self._handle)
+
+    def extra_repr(self) -> str:
+        w = self.weight_packed
+        kind = "ternary" if w.ternary else f"{w.bits}-bit"
+        return (f"in={self.in_features}, out={self.out_features}, {kind}, group={w.group_size}, "
+                f"backend={self.backend_name}")
+
+
+def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], backend: str | None = None) -> None:
+    """Swap each nn.Linear named in `packed` (module name, no '.weight') for a PackedLinear."""
+    for name, weight in packed.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if not isinstance(old, (nn.Linear, PackedLinear)):
+            raise TypeError(f"{name} is a {type(old).__name__}, not a linear layer")
+        if (old.out_features, old.in_features) != (weight.out_features, weight.in_features):
+            raise ValueError(
+                f"{name}: packed weight is {weight.out_features}x{weight.in_features}, "
+                f"the model expects {old.out_features}x{old.in_features}"
+            )
+        setattr(parent, child, PackedLinear(weight, backend))

@@ -1,0 +1,45 @@
+"""From a path (or nothing: the bundled model) to a ready model and tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from lutlm.formats import Checkpoint, load_checkpoint
+from lutlm.linear import replace_linears
+from lutlm.model import Transformer, rope_inverse_frequencies
+from lutlm.tokenizer import Tokenizer
+
+
+def default_model_path() -> str:
+    from lutlm.formats.gguf import bundled_model_path
+
+    return bundled_model_path()
+
+
+def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transformer:
+    """A Transformer holding the checkpoint's weights; packed linears go to `backend`."""
+    with torch.device("meta"):
+        model = Transformer(checkpoint.config)
+    float_tensors = dict(checkpoint.tensors)
+    if checkpoint.config.tie_word_embeddings:
+        float_tensors.pop("lm_head.weight", None)
+    packed_names = {f"{name}.weight" for name in checkpoint.packed}
+    expected = {k for k in model.state_dict() if k not in packed_names}
+    if checkpoint.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = expected - float_tensors.keys()
+    if missing:
+        raise ValueError(f"{checkpoint.source}: missing tensors {sorted(missing)[:5]}")
+    model.load_state_dict(float_tensors, strict=False, assign=True)
+    if checkpoint.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inverse_frequencies(checkpoint.config)  # buffers built on "meta" hold no data
+    if checkpoint.packed:
+        replace_linears(model, checkpoint.packed, backend)
+    return model.eval()
+
+
+def load_model(path: str | None = None, backend: str | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    checkpoint = load_checkpoint(path or default_model_path())
+    model = build_model(checkpoint, backend)
+    return model, Tokenizer(checkpoint.tokenizer), checkpoint

@@ -1,0 +1,75 @@
+"""llama.cpp, through llama-cpp-python: the peer that tests and benchmarks set beside lutlm.
+
+Optional (`pip install -e '.[peer]'`); everything here is only called where `available()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+import torch
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp prints model loading logs from C; keep them off the terminal."""
+    fd = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+class LlamaCpp:
+    """A GGUF model evaluated by llama.cpp: logits for given tokens and timed generation."""
+
+    def __init__(self, path: str, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True):
+        import llama_cpp
+
+        with _quiet_stderr():
+            self.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False,
+            )
+        self.n_ctx = n_ctx
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for a sequence run from an empty cache."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))
+
+
+# llama.cpp's file types (enum llama_ftype in llama.h) for the quantizations we compare with.
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18,
+          "TQ1_0": 36, "TQ2_0": 37}
+
+
+def quantize(src: str, dst: str, kind: str, n_threads: int = 0) -> None:
+    """Quantize a GGUF file with llama.cpp's own quantizer (requantizing allowed)."""
+    import llama_cpp
+
+    if kind not in FTYPES:
+        raise ValueError(f"unknown llama.cpp quantization {kind!r}; known: {', '.join(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[kind]
+    params.nthread = n_threads
+    params.allow_requantize = True
+    with _quiet_stderr():
+        status = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {kind} (status {status})")

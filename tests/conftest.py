@@ -1,0 +1,42 @@
+"""Fixtures shared across the suite: the bundled real model, loaded once, and the held-out text."""
+
+import os
+
+import pytest
+
+from lutlm.perplexity import DEFAULT_TEXT
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def bundled_path() -> str:
+    from lutlm.formats.gguf import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def bundled(bundled_path):
+    """(model, tokenizer, checkpoint) of the bundled SmolLM2-135M-Instruct, dense float32."""
+    from lutlm.loader import load_model
+
+    return load_model(bundled_path)
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> str:
+    path = os.path.join(REPO_ROOT, DEFAULT_TEXT)
+    if not os.path.exists(path):
+        pytest.skip(f"held-out text {path} is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_model(bundled_path):
+    """llama.cpp on the bundled GGUF; tests using it are skipped when the peer is not installed."""
+    from lutlm import peer
+
+    if not peer.available():
+        pytest.skip("llama-cpp-python (the peer) is not installed: pip install -e '.[peer]'")
+    return peer.LlamaCpp(bundled_path, n_ctx=512, n_threads=2)
