@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
 from lutlm.formats import load_checkpoint
-from lutlm.formats.gguf import bundled_model_path, load_gguf, open_gguf, unpermute_rotary
+from lutlm.formats.gguf import bundled_model_path, load_gguf, open_gguf, permute_rotary, unpermute_rotary
 from lutlm.formats.hf import load_hf_folder
 from lutlm.loader import build_model
 from lutlm.tokenizer import Tokenizer
@@ -36,11 +36,6 @@ def hf_model(tie: bool = False, **overrides):
     config = transformers.LlamaConfig(**(TINY | overrides), tie_word_embeddings=tie, bos_token_id=95,
                                       eos_token_id=96, attn_implementation="eager")
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute: the layout GGUF files store q/k rows in."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 # --- writing GGUFs ----------------------------------------------------------------------
@@ -86,9 +81,9 @@ def gguf_contents(model) -> tuple[dict, dict]:
             continue
         array = value.numpy().copy()
         if name.endswith("q_proj.weight"):
-            array = llama_cpp_permute(array, c.num_attention_heads)
+            array = permute_rotary(array, c.num_attention_heads)
         elif name.endswith("k_proj.weight"):
-            array = llama_cpp_permute(array, c.num_key_value_heads)
+            array = permute_rotary(array, c.num_key_value_heads)
         tensors[names.get_name(name, try_suffixes=(".weight",))] = array
     return metadata, tensors
 
@@ -130,13 +125,13 @@ def tiny_gguf(tmp_path):
 # --- GGUF: happy paths ------------------------------------------------------------------
 
 
-def test_unpermute_inverts_llama_cpp_permute_exactly():
+def test_unpermute_inverts_permute_rotary_exactly():
     rng = np.random.default_rng(0)
     for n_heads, head_dim, cols in [(4, 16, 64), (3, 64, 7), (9, 64, 1), (1, 2, 5)]:
         w = rng.standard_normal((n_heads * head_dim, cols)).astype(np.float32)
-        restored = unpermute_rotary(torch.from_numpy(llama_cpp_permute(w, n_heads)), n_heads)
+        restored = unpermute_rotary(torch.from_numpy(permute_rotary(w, n_heads)), n_heads)
         assert torch.equal(restored, torch.from_numpy(w))
-        again = llama_cpp_permute(unpermute_rotary(torch.from_numpy(w), n_heads).numpy(), n_heads)
+        again = permute_rotary(unpermute_rotary(torch.from_numpy(w), n_heads).numpy(), n_heads)
         assert np.array_equal(again, w)
 
 
@@ -179,7 +174,7 @@ def test_gguf_quantized_tensors_are_dequantized_and_unpermuted(tmp_path):
         stored = gguf_dequantize(gguf_quantize(tensors[gguf_name], qtype), qtype)
         loaded = ck.tensors[hf_name].numpy()
         if n_heads:  # compare in the file's row order
-            loaded = llama_cpp_permute(loaded, n_heads)
+            loaded = permute_rotary(loaded, n_heads)
         assert np.array_equal(loaded, stored), gguf_name
         assert ck.tensor_types[hf_name] == types[gguf_name]
 
@@ -238,7 +233,7 @@ def test_bundled_q_rows_are_unpermuted(bundled_checkpoint, bundled_path):
     raw = next(t for t in reader.tensors if t.name == "blk.7.attn_q.weight")
     in_file = gguf_dequantize(raw.data, raw.tensor_type)
     loaded = bundled_checkpoint.tensors["model.layers.7.self_attn.q_proj.weight"].numpy()
-    assert np.array_equal(llama_cpp_permute(loaded, 9), in_file)
+    assert np.array_equal(permute_rotary(loaded, 9), in_file)
     assert not np.array_equal(loaded, in_file)
 
 

@@ -17,10 +17,13 @@ PROMPTS = [
     "Water boils at 100 degrees Celsius at sea level, but at higher altitudes",
 ]
 
-# Mean KL(llama.cpp || lutlm) per position. lutlm multiplies the dequantized Q4_1 weights
-# by float32 activations; llama.cpp quantizes activations to 8 bits (Q8_1) for its dot
-# products, which perturbs logits by a few hundredths: measured ~1e-3 nats, bound with margin.
-MAX_MEAN_KL = 0.01
+# lutlm multiplies the dequantized Q4_1 weights by float32 activations; llama.cpp quantizes
+# activations to 8 bits (Q8_1) for its Q4_1 dot products. On the Q4_1 file that noise alone
+# gives a mean KL(llama.cpp || lutlm) of about 3.4e-3 nats and flips the top-1 token at about
+# 4% of positions (near-ties). Given the same weights in F32, where llama.cpp computes in
+# float32 too, the two agree to 7e-7 nats: the gap is llama.cpp's arithmetic, not the model.
+QUANTIZED_GGUF_BOUNDS = {"top1": 0.95, "kl": 0.01}
+F32_GGUF_BOUNDS = {"top1": 0.99, "kl": 1e-5}
 
 
 def logits_of(model, tokens: list[int]) -> torch.Tensor:
@@ -76,21 +79,53 @@ def test_tokenizer_matches_llama_cpp(bundled, llama_cpp_model, wikitext_path):
         assert tokenizer.encode(sample) == llama_cpp_model.tokenize(sample)
 
 
-def test_logits_agree_with_llama_cpp(bundled, llama_cpp_model):
-    model, tokenizer, _ = bundled
+@pytest.fixture(scope="module")
+def f32_gguf(bundled, tmp_path_factory):
+    """The bundled model's dequantized weights written back as an F32 GGUF."""
+    from lutlm.formats.gguf_writer import save_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "smollm2-f32.gguf"
+    save_gguf(bundled[2], path, "F32")
+    return str(path)
+
+
+def test_f32_gguf_round_trips(bundled, f32_gguf):
+    from lutlm.formats.gguf import load_gguf
+
+    original, again = bundled[2], load_gguf(f32_gguf)
+    assert again.config == original.config
+    assert again.tensors.keys() == original.tensors.keys()
+    for name, tensor in original.tensors.items():
+        assert torch.equal(again.tensors[name], tensor), name
+
+
+def agreement(model, tokenizer, llama, wikitext_path) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(llama.cpp || lutlm) over prompts and WikiText passages."""
+    wiki = tokenizer.encode(read_text(wikitext_path)[:40000])
+    sequences = [tokenizer.encode(p) for p in PROMPTS] + [wiki[i:i + 256] for i in range(0, 1024, 256)]
     agree = total = 0
     kls = []
-    for prompt in PROMPTS:
-        tokens = tokenizer.encode(prompt)
+    for tokens in sequences:
         ours = torch.log_softmax(logits_of(model, tokens), -1)
-        theirs = torch.log_softmax(llama_cpp_model.logits(tokens), -1)
+        theirs = torch.log_softmax(llama.logits(tokens), -1)
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         total += len(tokens)
         kls.append((theirs.exp() * (theirs - ours)).sum(-1))
-    mean_kl = torch.cat(kls).mean().item()
-    print(f"top-1 agreement {agree}/{total} = {agree / total:.4f}, mean KL {mean_kl:.2e}")
-    assert agree / total >= 0.98
-    assert mean_kl < MAX_MEAN_KL
+    return agree / total, torch.cat(kls).mean().item()
+
+
+def test_logits_agree_with_llama_cpp_on_same_gguf(bundled, llama_cpp_model, wikitext_path):
+    top1, kl = agreement(bundled[0], bundled[1], llama_cpp_model, wikitext_path)
+    print(f"Q4_1 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
+    assert top1 >= QUANTIZED_GGUF_BOUNDS["top1"] and kl < QUANTIZED_GGUF_BOUNDS["kl"]
+
+
+def test_logits_agree_with_llama_cpp_on_f32_weights(bundled, llama_cpp_model, f32_gguf, wikitext_path):
+    from lutlm import peer
+
+    top1, kl = agreement(bundled[0], bundled[1], peer.LlamaCpp(f32_gguf, n_ctx=512, n_threads=2), wikitext_path)
+    print(f"F32 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
+    assert top1 >= F32_GGUF_BOUNDS["top1"] and kl < F32_GGUF_BOUNDS["kl"]
 
 
 def test_perplexity_agrees_with_llama_cpp(bundled, llama_cpp_model, wikitext_path):

@@ -88,6 +88,13 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation (convert_hf_to_gguf.py's LlamaModel.permute), the inverse
+    of `unpermute_rotary`: used when lutlm writes a GGUF."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
 class _TruncationError(Exception):
     def __init__(self, needed: int, size: int):
         super().__init__(needed, size)
