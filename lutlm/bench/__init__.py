@@ -1,0 +1,1 @@
+"""Benchmarks behind `lutlm bench ...`; their results go to benchmarks/results/."""
