@@ -248,10 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve.add_parser(sub)
 
-    from lutlm.bench import serve_load
+    from lutlm.quantize import cli as quantize_cli
+
+    quantize_cli.add_parser(sub)
+
+    from lutlm.bench import e2e, gpu_decode, kernels, serve_load
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     serve_load.add_parser(bench)
+    gpu_decode.add_parser(bench)
+    e2e.add_parser(bench)
+    kernels.add_parser(bench)
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from lutlm.fast_decode import fast_decoder_for
 from lutlm.model import Transformer
 from lutlm.tokenizer import Tokenizer
 
@@ -39,7 +40,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: list[int]
     """Pick the next token from 1-D logits."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     if params.temperature == 0:
@@ -89,12 +90,18 @@ class Generator:
         self.eos_ids = set(model.config.eos_token_ids)
         if tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
+        # Token ids go where the model runs, which its rotary table shows (CPU for stand-ins without one).
+        self.device = getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
         self._cached: list[int] = []  # tokens whose keys and values sit in the cache
+        self.fast_decoder = fast_decoder_for(model)  # one-token steps without PyTorch ops, where supported
         self.stats = GenerationStats()
 
     def _run(self, tokens: list[int], start_pos: int) -> torch.Tensor:
-        x = torch.tensor([tokens], dtype=torch.long)
-        logits = self.model(x, start_pos, last_logits_only=True)[0, -1]
+        if len(tokens) == 1 and self.fast_decoder is not None:
+            logits = self.fast_decoder(tokens[0], start_pos)
+        else:
+            x = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            logits = self.model(x, start_pos, last_logits_only=True)[0, -1]
         self._cached = self._cached[:start_pos] + tokens
         return logits
 

@@ -24,6 +24,11 @@ class PackedLinear(nn.Module):
         self.in_features = weight.in_features
         self.out_features = weight.out_features
 
+    @property
+    def handle(self):
+        """The backend's prepared weight (for callers that drive the backend directly)."""
+        return self._handle
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._backend.matmul(x, self._handle)
 

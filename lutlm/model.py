@@ -52,6 +52,15 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r}")
 
 
+def rope_tables(inv_freq: torch.Tensor, start_pos: int, seq: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [seq, head_dim] for positions start_pos .. start_pos+seq-1, in rotate_half's layout."""
+    positions = torch.arange(start_pos, start_pos + seq, device=inv_freq.device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -89,8 +98,8 @@ class Attention(nn.Module):
             mask = None  # one new token attends to everything cached
         else:
             # Query i sits at position start_pos + i and sees keys up to that position.
-            rows = torch.arange(start_pos, end).unsqueeze(1)
-            mask = torch.arange(end).unsqueeze(0) <= rows
+            rows = torch.arange(start_pos, end, device=x.device).unsqueeze(1)
+            mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
@@ -164,11 +173,7 @@ class Transformer(nn.Module):
                 f"batch {batch} at positions {start_pos}..{start_pos + seq} does not fit the KV cache "
                 f"({self.max_batch} x {self.max_seq_len}); call setup_cache first"
             )
-        positions = torch.arange(start_pos, start_pos + seq, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
-        dtype = self.model.norm.weight.dtype
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = rope_tables(self.inv_freq, start_pos, seq, self.model.norm.weight.dtype)
 
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import time
 
 import numpy as np
 import torch
@@ -16,6 +17,12 @@ import torch
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
 
 
 @contextlib.contextmanager
@@ -52,6 +59,54 @@ class LlamaCpp:
         self.llm.reset()
         self.llm.eval(tokens)
         return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))
+
+    # Timed helpers for benchmarks. They drive the llama.cpp context directly (batch decode
+    # and llama.cpp's own greedy sampler, no Python per token beyond the call), so they
+    # time the engine, not llama-cpp-python's bookkeeping; `logits` resets that bookkeeping.
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for both single-token decode and batched prompt processing."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llm.ctx, n_threads, n_threads)
+
+    def _decode(self, tokens, n_tokens: int) -> None:
+        import llama_cpp
+
+        status = llama_cpp.llama_decode(self.llm.ctx, llama_cpp.llama_batch_get_one(tokens, n_tokens))
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} on {n_tokens} tokens")
+
+    def prefill_seconds(self, tokens: list[int]) -> float:
+        """Wall time of one batched forward pass over `tokens` from an empty cache (the
+        logits of the last token only, as generation needs)."""
+        import llama_cpp
+
+        if len(tokens) > self.llm.n_batch or len(tokens) >= self.n_ctx:
+            raise ValueError(f"a prompt of {len(tokens)} tokens exceeds the batch ({self.llm.n_batch}) "
+                             f"or context ({self.n_ctx}) of this llama.cpp instance")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        batch = (llama_cpp.llama_token * len(tokens))(*tokens)
+        start = time.perf_counter()
+        self._decode(batch, len(tokens))
+        return time.perf_counter() - start
+
+    def decode_seconds(self, n_tokens: int) -> float:
+        """Wall time of `n_tokens` greedy steps continuing the last prefill: each step picks
+        the argmax of the previous logits and runs that token."""
+        import llama_cpp
+
+        ctx = self.llm.ctx
+        greedy = llama_cpp.llama_sampler_init_greedy()
+        one = (llama_cpp.llama_token * 1)()
+        try:
+            start = time.perf_counter()
+            for _ in range(n_tokens):
+                one[0] = llama_cpp.llama_sampler_sample(greedy, ctx, -1)
+                self._decode(one, 1)
+            return time.perf_counter() - start
+        finally:
+            llama_cpp.llama_sampler_free(greedy)
 
 
 # llama.cpp's file types (enum llama_ftype in llama.h) for the quantizations we compare with.

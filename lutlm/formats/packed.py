@@ -113,7 +113,7 @@ def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n, k // 8, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).view(1, 1, 8)
     planes = [(((c >> i) & 1).to(torch.int32) * weights).sum(-1).to(torch.uint8) for i in range(bits)]
     return torch.stack(planes)
 

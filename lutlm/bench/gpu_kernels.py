@@ -1,0 +1,184 @@
+"""`lutlm bench kernels --device cuda`: the GPU mpGEMM kernels against cuBLAS fp16 on the layer
+shapes of Llama-2-7B, Llama-3-8B and Llama-2-70B.
+
+For each shape, bits (2, 3, 4, ternary) and batch, the row gives the time of the kernel the
+dispatcher chooses, the best time of each kernel (table lookup, dequantize), cuBLAS fp16
+(`torch.matmul`) on the same shape, the weight bytes per second against the device-to-device
+copy bandwidth measured in the same run, and the roofline time (weight bytes over that
+bandwidth). Times are medians (with 25th/75th percentiles) of CUDA-graph replays, each of 40
+launches over enough weight copies to overflow L2 (see lutlm.kernels.gpu_tuning). With
+--tune every candidate configuration is timed and the winners are written to the tuning table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+MODEL_SHAPES = {  # (out, in) of each distinct linear
+    "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
+    "llama3-8b": {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)},
+    "llama2-70b": {"q_o": (8192, 8192), "k_v": (1024, 8192), "gate_up": (28672, 8192), "down": (8192, 28672)},
+}
+KINDS = {"2": (2, False), "3": (3, False), "4": (4, False), "ternary": (2, True)}
+
+
+def add_cuda_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the cuda branch of `lutlm bench kernels`."""
+    p.add_argument("--models", default=",".join(MODEL_SHAPES), help="comma-separated: " + ", ".join(MODEL_SHAPES))
+    p.add_argument("--gpu-bits", default="2,3,4,ternary", help="comma-separated: 2, 3, 4, ternary")
+    p.add_argument("--gpu-batch", default="1,4,16,64,256", help="comma-separated batch sizes")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--tune", action="store_true", help="time every candidate and write the tuning table")
+    p.add_argument("--table", type=Path, help="tuning table to write with --tune (default: the package's)")
+    p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/gpu_kernels_<device>.json)")
+
+
+def device_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def cublas_time(n: int, k: int, batch: int):
+    from lutlm.kernels.gpu_tuning import copies_to_defeat_cache, time_calls
+
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+               for _ in range(copies_to_defeat_cache(n * k * 2))]
+    x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+    return time_calls([lambda w=w: torch.matmul(x, w.t()) for w in weights])
+
+
+def run(args) -> list[dict]:
+    from lutlm.kernels import gpu, gpu_tuning
+
+    if not torch.cuda.is_available():
+        sys.exit("lutlm bench kernels --device cuda: no CUDA device here")
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODEL_SHAPES]
+    if unknown:
+        sys.exit(f"unknown model shapes {unknown}; choose from {', '.join(MODEL_SHAPES)}")
+    kinds = args.gpu_bits.split(",")
+    if any(b not in KINDS for b in kinds):
+        sys.exit(f"--gpu-bits takes {', '.join(KINDS)}, got {args.gpu_bits}")
+    batches = [int(b) for b in args.gpu_batch.split(",")]
+    bandwidth = gpu_tuning.copy_bandwidth()
+    shapes = {}  # (n, k) -> the layers that have it
+    for model in models:
+        for layer, shape in MODEL_SHAPES[model].items():
+            shapes.setdefault(shape, []).append(f"{model}.{layer}")
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
+    rows, table = [], []
+    jobs = [(shape, kind) for shape in shapes for kind in kinds]
+    cublas: dict[tuple[int, int, int], tuple[float, float, float]] = {}
+    for (n, k), kind in tqdm(jobs, desc="gpu kernels", unit="case"):
+        bits, ternary = KINDS[kind]
+        handles = gpu_tuning.random_handles(n, k, bits, args.group_size, with_lut=True, ternary=ternary)
+        nbytes = handles[0].dequant.nbytes
+        for batch in batches:
+            x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+            if (n, k, batch) not in cublas:
+                cublas[(n, k, batch)] = cublas_time(n, k, batch)
+            per_kernel = {}
+            if args.tune and not ternary:  # ternary runs the 2-bit kernels, so it shares their entries
+                entry = gpu_tuning.tune_case(handles, x)
+                table.append(entry)
+                per_kernel = entry["per_kernel"]
+                plan = gpu_tuning.Plan.from_dict(entry["best"])
+                best = per_kernel[plan.kernel]
+                timing = (best["us"], best["p25"], best["p75"])
+            else:  # the dispatcher's choice; while tuning, from the entries just measured
+                plan = (gpu_tuning.choose(table, handles[0].kind, n, k, batch) if args.tune
+                        else gpu.plan_for(handles[0], batch))
+                timing = gpu_tuning.time_plan(handles, x, plan)
+            cb = cublas[(n, k, batch)]
+            rows.append({
+                "layers": shapes[(n, k)], "n": n, "k": k, "bits": kind, "group_size": args.group_size, "batch": batch,
+                "kernel": plan.kernel, "config": plan.to_dict()["config"],
+                "us": round(timing[0], 2), "us_p25": round(timing[1], 2), "us_p75": round(timing[2], 2),
+                "per_kernel_us": {name: v["us"] for name, v in per_kernel.items()},
+                "cublas_fp16_us": round(cb[0], 2), "cublas_p25": round(cb[1], 2), "cublas_p75": round(cb[2], 2),
+                "speedup_vs_cublas": round(cb[0] / timing[0], 2),
+                "weight_bytes": nbytes, "weight_GBps": round(nbytes / timing[0] / 1e3, 1),
+                "fraction_of_copy_bandwidth": round(nbytes / timing[0] / 1e-6 / bandwidth, 3),
+                "roofline_us": round(nbytes / bandwidth * 1e6, 2),
+            })
+        del handles
+        torch.cuda.empty_cache()
+        save(rows, table, bandwidth, args)  # after every case, so that a cut-off run still leaves results
+    plot(rows, results_path(args).with_suffix(".png"))
+    print_table(rows)
+    return rows
+
+
+def results_path(args) -> Path:
+    return args.out or Path("benchmarks/results") / f"gpu_kernels_{device_slug()}.json"
+
+
+def save(rows: list[dict], table: list[dict], bandwidth: float, args) -> None:
+    from lutlm.kernels import gpu_tuning
+    import triton
+
+    if args.tune:
+        gpu_tuning.save_table(table, args.table or gpu_tuning.TABLE_PATH)
+    out = results_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+        "timing": "median of 15 CUDA-graph replays, each 40 launches over weight copies that overflow L2; "
+                  "p25/p75 give the spread",
+        "weight_bytes": "packed codes + fp16 scales and zeros, as the GPU layout stores them",
+        "rows": rows,
+    }, indent=1) + "\n")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'layers':28s} {'bits':>7s} {'batch':>5s} {'kernel':>7s} {'us':>8s} {'cuBLAS':>8s} {'x':>6s} "
+          f"{'GB/s':>6s} {'of copy':>7s} {'roof us':>7s}")
+    for r in rows:
+        print(f"{r['layers'][0]:28s} {r['bits']:>7s} {r['batch']:5d} {r['kernel']:>7s} {r['us']:8.1f} "
+              f"{r['cublas_fp16_us']:8.1f} {r['speedup_vs_cublas']:6.2f} {r['weight_GBps']:6.0f} "
+              f"{r['fraction_of_copy_bandwidth']:7.2f} {r['roofline_us']:7.1f}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Batch-1 time against bits per shape, with cuBLAS fp16 for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = ["2", "ternary", "3", "4"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (n, k) in sorted({(r["n"], r["k"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["n"], r["k"]) == (n, k) and r["batch"] == 1),
+                     key=lambda r: order.index(r["bits"]))
+        if not sel:
+            continue
+        line, = ax.plot([r["bits"] for r in sel], [r["us"] for r in sel], marker="o", label=f"{n}x{k}")
+        ax.axhline(sel[0]["cublas_fp16_us"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("batch-1 time (us); dotted: cuBLAS fp16")
+    ax.set_title(f"lutlm GPU GEMV, {rows[0]['group_size']}-weight groups")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cuda_arguments(p)
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

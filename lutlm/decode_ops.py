@@ -1,0 +1,106 @@
+"""The decode step's element-wise helpers (runtime_csrc/decode_ops.cpp) through ctypes.
+
+`library()` gives the raw C functions, for lutlm.fast_decode, which binds their pointer
+arguments once and calls them every step. The tensor functions below check their inputs
+and are the tested surface; lutlm.model's PyTorch operations are their reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def _load() -> ctypes.CDLL | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = [f for f in os.listdir(here) if f.startswith("_lutlm_decode_ops") and f.endswith((".so", ".pyd", ".dylib"))]
+    if not names:
+        return None
+    lib = ctypes.CDLL(os.path.join(here, names[0]))
+    lib.lutlm_rmsnorm.argtypes = [_P, _P, _I64, _F32, _P]
+    lib.lutlm_add_rmsnorm.argtypes = [_P, _P, _P, _I64, _F32, _P]
+    lib.lutlm_silu_mul.argtypes = [_P, _P, _I64, _P]
+    lib.lutlm_attend_one.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
+    for fn in (lib.lutlm_rmsnorm, lib.lutlm_add_rmsnorm, lib.lutlm_silu_mul, lib.lutlm_attend_one):
+        fn.restype = None
+    return lib
+
+
+_lib = _load()
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def library() -> ctypes.CDLL:
+    if _lib is None:
+        raise RuntimeError(
+            "lutlm's decode helpers are not built; reinstall lutlm with a C++ compiler (pip install -e .)"
+        )
+    return _lib
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}"
+                         f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight for one vector x [n]."""
+    (n,) = weight.shape
+    _check("x", x, (n,))
+    _check("weight", weight, (n,))
+    out = torch.empty(n)
+    library().lutlm_rmsnorm(x.data_ptr(), weight.data_ptr(), n, eps, out.data_ptr())
+    return out
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place, the residual stream), then rmsnorm(x) * weight."""
+    (n,) = weight.shape
+    for name, t in (("x", x), ("delta", delta), ("weight", weight)):
+        _check(name, t, (n,))
+    out = torch.empty(n)
+    library().lutlm_add_rmsnorm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), n, eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for vectors [n]."""
+    (n,) = gate.shape
+    _check("gate", gate, (n,))
+    _check("up", up, (n,))
+    out = torch.empty(n)
+    library().lutlm_silu_mul(gate.data_ptr(), up.data_ptr(), n, out.data_ptr())
+    return out
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+    """Attention of one token at `pos`: q [H, D], k and v [Hkv, D], cos and sin [D], caches
+    [Hkv, S, D]. Rotates q and k in place, writes k and v into the caches at `pos`, and
+    returns the output [H, D] over positions 0..pos."""
+    n_heads, head_dim = q.shape
+    n_kv, max_seq, _ = k_cache.shape
+    if head_dim % 2 or n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads of size {head_dim} cannot attend over {n_kv} key/value heads")
+    if not 0 <= pos < max_seq:
+        raise ValueError(f"position {pos} is outside the cache of {max_seq} positions")
+    for name, t, shape in (("q", q, (n_heads, head_dim)), ("k", k, (n_kv, head_dim)), ("v", v, (n_kv, head_dim)),
+                           ("cos", cos, (head_dim,)), ("sin", sin, (head_dim,)),
+                           ("k_cache", k_cache, (n_kv, max_seq, head_dim)),
+                           ("v_cache", v_cache, (n_kv, max_seq, head_dim))):
+        _check(name, t, shape)
+    scores, out = torch.empty(pos + 1), torch.empty(n_heads, head_dim)
+    library().lutlm_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                               k_cache.data_ptr(), v_cache.data_ptr(), n_heads, n_kv, head_dim, max_seq, pos,
+                               scores.data_ptr(), out.data_ptr())
+    return out

@@ -1,0 +1,86 @@
+/* The exported entry points: instruction-set choice and the table-lookup matmul. */
+#include "internal.h"
+
+namespace {
+
+int detect_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"))
+        return LUTLM_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return LUTLM_AVX2;
+    return LUTLM_SCALAR;
+}
+
+const int kBestIsa = detect_isa();
+int current_isa = kBestIsa;
+
+const IsaKernels *kernels(int isa) {
+    switch (isa) {
+        case LUTLM_AVX512: return lutlm_avx512_kernels();
+        case LUTLM_AVX2: return lutlm_avx2_kernels();
+        default: return lutlm_scalar_kernels();
+    }
+}
+
+}  // namespace
+
+int lutlm_geometry(const lutlm_weight *w, int mode, Geometry *g) {
+    if (!w || !w->codes || !w->scales || w->n <= 0 || w->k <= 0 || w->k_padded < w->k) return -1;
+    if (w->q_block <= 0 || w->group_size <= 0 || w->group_size % w->q_block || w->k_padded % w->group_size) return -1;
+    const bool ternary = w->kind == LUTLM_TERNARY;
+    if (ternary ? w->bits != 2 || w->q_block != LUTLM_TERNARY_STEP
+                : w->kind != LUTLM_PLANES || w->bits < 1 || w->bits > 4 || w->q_block % LUTLM_STEP ||
+                      w->q_block > LUTLM_MAX_QBLOCK)
+        return -1;
+    g->w = w;
+    g->mode = mode;
+    g->tiles = (w->n + LUTLM_TILE_ROWS - 1) / LUTLM_TILE_ROWS;
+    g->step_inputs = ternary ? LUTLM_TERNARY_STEP : LUTLM_STEP;
+    g->step_bytes = ternary ? 4 * 64 + 4 * 16 : 64 * (int64_t)w->bits;
+    g->chunk_inputs = ternary ? 3 : 4;
+    g->n_chunks = w->k_padded / g->chunk_inputs;
+    g->n_steps = w->k_padded / g->step_inputs;
+    g->steps_per_qblock = w->q_block / g->step_inputs;
+    g->n_qblocks = w->k_padded / w->q_block;
+    g->n_groups = w->k_padded / w->group_size;
+    g->qblocks_per_group = w->group_size / w->q_block;
+    g->mid = ternary ? 1.0f : 0.5f * (float)((1 << w->bits) - 1);
+    g->factor = ternary ? 1.0f : 0.5f;
+
+    ActLayout &a = g->act;
+    const size_t entry = mode == LUTLM_FLOAT ? sizeof(float) : 1;
+    a.has_pairs = !ternary && (w->bits == 2 || w->bits == 3) && mode != LUTLM_FLOAT;
+    a.tables = 0;
+    a.pair_tables = a.tables + lutlm_align64((size_t)g->n_chunks * 16 * entry);
+    a.table_scale = a.pair_tables + (a.has_pairs ? lutlm_align64((size_t)g->n_chunks / 2 * 64) : 0);
+    a.x_sum = a.table_scale + lutlm_align64((size_t)g->n_qblocks * sizeof(float));
+    a.bytes = a.x_sum + lutlm_align64((size_t)g->n_qblocks * sizeof(float));
+    return 0;
+}
+
+extern "C" {
+
+int lutlm_best_isa(void) { return kBestIsa; }
+
+int lutlm_get_isa(void) { return current_isa; }
+
+int lutlm_set_isa(int isa) {
+    current_isa = isa < LUTLM_SCALAR ? LUTLM_SCALAR : isa > kBestIsa ? kBestIsa : isa;
+    return current_isa;
+}
+
+int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode) {
+    if (batch == 0) return 0;
+    Geometry g;
+    if (lutlm_geometry(w, mode, &g) || !x || !y || batch < 0) return -1;
+    if (mode == LUTLM_FLOAT) return lutlm_run_tiled(&g, x, batch, y, lutlm_build_act_float, lutlm_tile_float, nullptr);
+    const IsaKernels *k = kernels(current_isa);
+    if (mode == LUTLM_INT8) return lutlm_run_tiled(&g, x, batch, y, k->build_act, k->tile_int8, k->tile_int8_tokens);
+    if (mode == LUTLM_FAST_AGG && k->tile_fast_agg)
+        return lutlm_run_tiled(&g, x, batch, y, k->build_act, k->tile_fast_agg, nullptr);
+    return -1;
+}
+
+}  // extern "C"

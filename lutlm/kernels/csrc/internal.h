@@ -1,0 +1,103 @@
+/* Declarations shared by the driver and the per-ISA kernel files.
+ *
+ * Each ISA file (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp) is compiled for
+ * its own instruction set and provides an `IsaKernels` table; api.cpp picks one at run
+ * time and driver.cpp runs it over tiles, tokens and threads. ISA files use only this header, <immintrin.h> and C headers, and
+ * keep everything but their table getter file-local, so that no inline function compiled
+ * for AVX-512 can be chosen by the linker for code that runs on a machine without it.
+ */
+#ifndef LUTLM_INTERNAL_H
+#define LUTLM_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lutlm.h"
+
+#define LUTLM_TILE_ROWS 16
+#define LUTLM_STEP 32          /* inputs per K-step, bit-plane layout */
+#define LUTLM_TERNARY_STEP 96  /* inputs per K-step, ternary layout (32 chunks of 3) */
+/* Table-quantization blocks are at most 128 inputs (bit-planes) or exactly 96 (ternary). */
+#define LUTLM_MAX_QBLOCK 128
+#define LUTLM_MAX_QBLOCK_CHUNKS 32
+
+/* Per-token activation buffer, built once per activation vector and read by every tile.
+ * Offsets are in bytes from the token's buffer start; all 64-byte aligned. The
+ * dequantize baseline stores its int8 activations at `tables` and their scales at
+ * `table_scale`. */
+typedef struct {
+    size_t tables;       /* int8 [n_chunks][16], or float [n_chunks][16] in float mode */
+    size_t pair_tables;  /* int8 [n_chunks / 2][64]: T_c, T_c, T_c+1, T_c+1 (2-plane section) */
+    size_t table_scale;  /* float [n_qblocks]: value of one table unit */
+    size_t x_sum;        /* float [n_qblocks]: sum of the block's activations */
+    size_t bytes;        /* whole buffer, a multiple of 64 */
+    int has_pairs;
+} ActLayout;
+
+/* Everything about one product that does not change from tile to tile, computed once
+ * per call (the kernels run per tile and per q-block, where a division costs as much as
+ * a block of lookups). */
+typedef struct {
+    const lutlm_weight *w;
+    int mode;
+    ActLayout act;
+    int64_t tiles, n_steps, steps_per_qblock, n_qblocks, n_groups, qblocks_per_group;
+    int64_t step_inputs, step_bytes, chunk_inputs, n_chunks;
+    /* sum_k w_k x_k = s * (sum_of_lookups * unit * factor + (mid - z) * xsum) per q-block:
+     * factor 1/2 for bit-planes (the 1/2 sum_i 2^i of lutlm.h), 1 for ternary; mid is
+     * (2^b - 1) / 2 for bit-planes, 1 for ternary (whose stored zero is 1: no zero term). */
+    float mid, factor;
+} Geometry;
+
+/* Balanced-ternary digits (t0, t1, t2) of m = 9 t0 + 3 t1 + t2 for m = 0..13: the positive
+ * half of the 27 patterns of a 3-weight ternary chunk (the other half is their negation).
+ * Rows 14 and 15 are zero, so that those table entries are zero. */
+static const signed char lutlm_ternary_digits[16][3] = {
+    {0, 0, 0}, {0, 0, 1},  {0, 1, -1}, {0, 1, 0}, {0, 1, 1}, {1, -1, -1}, {1, -1, 0}, {1, -1, 1},
+    {1, 0, -1}, {1, 0, 0}, {1, 0, 1},  {1, 1, -1}, {1, 1, 0}, {1, 1, 1},  {0, 0, 0},   {0, 0, 0}};
+
+static inline size_t lutlm_align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+float lutlm_half_to_float(uint16_t h);
+
+/* The geometry of a table-lookup product (api.cpp); 0 on success, -1 for a bad weight. */
+int lutlm_geometry(const lutlm_weight *w, int mode, Geometry *g);
+
+/* Build one token's activation buffer from x[0 .. k_padded) (zero-padded by the caller). */
+typedef void (*BuildActFn)(const Geometry *g, const float *x, uint8_t *act);
+
+/* Accumulate rows [16 t, 16 t + 16) of one token over q-blocks [qb0, qb1) into out[16]. */
+typedef void (*TileFn)(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out);
+
+/* The same for LUTLM_GEMM_TOKENS tokens at once, whose activation buffers are `stride`
+ * bytes apart, into out[LUTLM_GEMM_TOKENS][16]: each weight block is read and turned into
+ * indices once for all of them. */
+#define LUTLM_GEMM_TOKENS 4
+typedef void (*TileTokensFn)(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act,
+                             size_t stride, float *out);
+
+typedef struct {
+    BuildActFn build_act;   /* int8 tables (modes INT8 and FAST_AGG) */
+    TileFn tile_int8;
+    TileFn tile_fast_agg;   /* NULL where that ISA has none */
+    TileTokensFn tile_int8_tokens; /* NULL where that ISA has none */
+} IsaKernels;
+
+const IsaKernels *lutlm_scalar_kernels(void);
+const IsaKernels *lutlm_avx2_kernels(void);
+const IsaKernels *lutlm_avx512_kernels(void);
+
+/* Float tables: exact mode, portable only (it exists for testing). */
+void lutlm_build_act_float(const Geometry *g, const float *x, uint8_t *act);
+void lutlm_tile_float(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out);
+
+/* y[batch][n] from x[batch][k]: builds each token's activation buffer with `build`, then
+ * runs `tile` over every tile, q-block range and token (driver.cpp). */
+int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, BuildActFn build, TileFn tile,
+                    TileTokensFn tile_tokens);
+
+/* Runs fn(task, arg) for task in [0, n_tasks) on the pool (the caller takes part). */
+typedef void (*TaskFn)(int task, void *arg);
+void lutlm_parallel_for(int n_tasks, TaskFn fn, void *arg);
+
+#endif

@@ -1,0 +1,201 @@
+"""The GPU dispatcher's tuning table: which kernel and tile configuration is fastest per
+weight kind, shape and batch, measured on the device and stored as JSON in the package
+(gpu_tuning.json).
+
+`lutlm bench kernels --device cuda --tune` fills it: for each case it times every candidate
+(``candidates``) with ``time_calls`` and keeps the fastest per kernel and overall
+(``tune_case``). ``choose`` reads it, falling back to the same bits at another group size, to
+the nearest tuned shape, and to a safe default when the table is empty.
+
+Timing replays a CUDA graph of many launches and divides by their number, so that the gaps of
+the Python launcher stay out; the launches cycle through enough copies of the weights to
+overflow the L2 cache twice, so that every launch reads its weights from device memory as a
+real model's layers do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lutlm.formats.packed import PackedWeight, pack_planes
+from lutlm.kernels.gpu_dequant import DequantConfig
+from lutlm.kernels.gpu_lut import LutConfig
+
+TABLE_PATH = Path(__file__).with_name("gpu_tuning.json")
+BATCHES = (1, 4, 16, 64, 256)
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel: str  # "lut" or "dequant"
+    config: DequantConfig | LutConfig
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.kernel, "config": asdict(self.config)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        config_type = {"lut": LutConfig, "dequant": DequantConfig}[d["kernel"]]
+        return cls(d["kernel"], config_type(**d["config"]))
+
+
+def weights_kind(bits: int, group: int) -> str:
+    """The table's key for a weight format; ternary weights run as 2-bit codes and share it."""
+    return f"{bits}bit-g{group}"
+
+
+def default_plan(batch: int) -> Plan:
+    """For an empty table: the CUDA-core GEMV for a few tokens, the tensor cores beyond."""
+    if batch <= 4:
+        return Plan("dequant", DequantConfig(block_n=16, block_m=1, block_b=4))
+    if batch <= 16:
+        return Plan("dequant", DequantConfig(block_n=128, block_m=16, num_stages=3))
+    return Plan("dequant", DequantConfig(block_n=64, block_m=128, num_stages=3))
+
+
+def load_table(path: Path = TABLE_PATH) -> list[dict]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["entries"]
+
+
+def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
+    """The tuned plan for the smallest tuned batch >= `batch` (else the largest), at the exact
+    shape or the nearest tuned one, preferring entries of the same weight kind, then of the
+    same bits at another group size."""
+    bits = kind.split("bit")[0]
+    rows = [e for e in entries if e["weights"] == kind] or [e for e in entries if e["weights"].split("bit")[0] == bits]
+    if not rows:
+        return default_plan(batch)
+    tuned_batches = sorted({e["batch"] for e in rows})
+    bucket = next((b for b in tuned_batches if b >= batch), tuned_batches[-1])
+    rows = [e for e in rows if e["batch"] == bucket]
+    best = min(rows, key=lambda e: abs(math.log(e["n"] / n)) + abs(math.log(e["k"] / k)))
+    return Plan.from_dict(best["best"])
+
+
+def candidates(batch: int) -> list[Plan]:
+    """The configurations worth timing for a batch size: a small set (each costs a compile),
+    kept to those that won somewhere in exploratory sweeps on an H100."""
+    gemv = [DequantConfig(block_n=bn, block_m=1, block_b=bb, split_k=sk, num_warps=w)
+            for bn, bb, sk, w in ((16, 4, 1, 4), (8, 4, 1, 4), (8, 8, 1, 4), (32, 2, 1, 4), (32, 4, 1, 8),
+                                  (64, 2, 1, 4), (16, 4, 2, 4))]
+    if batch <= 4:
+        plans = [Plan("dequant", c) for c in gemv] + [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
+        if batch > 1:
+            plans.append(Plan("dequant", DequantConfig(block_n=128, block_m=16, num_stages=3)))
+        return plans
+    if batch <= 16:
+        return [Plan("dequant", gemv[0])] + [
+            Plan("dequant", DequantConfig(block_n=bn, block_m=16, num_warps=w, num_stages=3))
+            for bn, w in ((64, 4), (128, 4), (128, 8))]
+    if batch <= 64:
+        return [Plan("dequant", DequantConfig(block_n=bn, block_m=64, num_warps=w, num_stages=3))
+                for bn, w in ((64, 4), (128, 4), (128, 8))]
+    return [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, num_warps=w, num_stages=st))
+            for bn, bm, w, st in ((64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 256, 8, 2))]
+
+
+def time_calls(calls: list[Callable[[], object]], launches: int = 40, repeats: int = 15) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile microseconds per call, from CUDA-graph replays of
+    `launches` calls cycling through `calls` (each sample: one replay's time / launches)."""
+    for call in calls:  # compiles and first touches stay out of the graph
+        call()
+    torch.cuda.synchronize()
+    launches = max(launches, len(calls))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            calls[i % len(calls)]()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / launches)
+    q = statistics.quantiles(samples, n=4)
+    return statistics.median(samples), q[0], q[2]
+
+
+def copies_to_defeat_cache(nbytes: int) -> int:
+    """Enough copies of an operand that cycling through them overflows the L2 cache twice."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, math.ceil(2 * l2 / nbytes))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    median, _, _ = time_calls([lambda: dst.copy_(src)], launches=5, repeats=10)
+    return 2 * nbytes / (median * 1e-6)
+
+
+def random_weight(n: int, k: int, bits: int, group: int, ternary: bool = False, device: str = "cuda") -> PackedWeight:
+    """Random codes with scales of a real model's size (|w| up to about 0.05), for timing."""
+    groups = k // group
+    if ternary:
+        planes = pack_planes(torch.randint(0, 3, (n, k), dtype=torch.uint8, device=device), 2)  # q = t + 1
+        zeros = torch.ones(n, groups, device=device, dtype=torch.float16)
+    else:
+        planes = torch.randint(0, 256, (bits, n, k // 8), dtype=torch.uint8, device=device)
+        zeros = (torch.rand(n, groups, device=device) + (2**bits - 2) / 2).half()
+    scales = (torch.rand(n, groups, device=device) * 0.01 / 2**bits + 0.005 / 2**bits).half()
+    return PackedWeight(planes=planes, scales=scales, zeros=zeros, bits=2 if ternary else bits,
+                        group_size=group, ternary=ternary)
+
+
+def random_handles(n: int, k: int, bits: int, group: int, with_lut: bool, ternary: bool = False) -> list:
+    """Prepared random weights, as many copies as it takes to overflow the L2 cache."""
+    from lutlm.kernels import gpu
+
+    first = gpu.prepare(random_weight(n, k, bits, group, ternary), with_lut=with_lut)
+    copies = copies_to_defeat_cache(first.dequant.nbytes)
+    return [first] + [gpu.prepare(random_weight(n, k, bits, group, ternary), with_lut=with_lut)
+                      for _ in range(copies - 1)]
+
+
+def time_plan(handles: list, x: torch.Tensor, plan: Plan) -> tuple[float, float, float]:
+    from lutlm.kernels import gpu
+
+    return time_calls([lambda h=h: gpu.run_plan(x, h, plan) for h in handles])
+
+
+def tune_case(handles: list, x: torch.Tensor) -> dict:
+    """Time every candidate for this batch; the table entry with the fastest per kernel and overall."""
+    from triton.runtime.errors import OutOfResources
+
+    h = handles[0]
+    best: dict[str, tuple[tuple[float, float, float], Plan]] = {}
+    for plan in candidates(x.shape[0]):
+        if plan.kernel == "lut" and h.lut is None:
+            continue
+        try:
+            timing = time_plan(handles, x, plan)
+        except OutOfResources:  # a tile too large for this kind's shared memory
+            continue
+        if plan.kernel not in best or timing[0] < best[plan.kernel][0][0]:
+            best[plan.kernel] = (timing, plan)
+    winner = min(best.values(), key=lambda t: t[0][0])[1]
+    return {
+        "weights": h.kind, "n": h.out_features, "k": h.in_features, "batch": x.shape[0],
+        "best": winner.to_dict(),
+        "per_kernel": {name: {"us": round(t[0], 2), "p25": round(t[1], 2), "p75": round(t[2], 2), **plan.to_dict()}
+                       for name, (t, plan) in best.items()},
+    }
+
+
+def save_table(entries: list[dict], path: Path = TABLE_PATH) -> None:
+    table = {"device": torch.cuda.get_device_name(), "timing": "CUDA-graph replays, weights cycled past L2",
+             "entries": entries}
+    path.write_text(json.dumps(table, indent=1) + "\n")

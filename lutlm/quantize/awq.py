@@ -1,0 +1,94 @@
+"""AWQ (Lin et al., 2023): activation-aware scaling before quantization.
+
+Input channels that carry large activations matter most to the output. AWQ multiplies
+weight column k by s[k] > 1 for such channels (so they get relatively finer steps) and
+divides the input by s[k]; the division is folded into the operation that produces the
+input (an RMSNorm's weight, or the rows of the projection before), so it costs nothing.
+
+    s = mean|x|^alpha, normalized to geometric mid-range 1, alpha in {0, 0.05, ..., 0.95}
+    chosen to minimize the output error of every linear that reads this input.
+
+Then each group's clip range is searched (AWQ's auto-clip) against the same output error.
+Both searches measure the error of a weight change d (rows [N, K]) through the calibration
+inputs' second moment H = E[x x^T]: E||x d^T||^2 = sum_n d_n H d_n^T. That is exact over
+all calibration tokens and costs N K^2, independent of how many tokens were seen. The clip
+search, like AWQ's, treats groups independently and uses the diagonal blocks of H.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lutlm.formats.packed import PackedWeight
+from lutlm.quantize.grid import dequantize, fit_clipped, fit_minmax, grouped, quantize, to_packed
+
+ALPHAS = tuple(i / 20 for i in range(20))
+
+
+def output_error(diff: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """E||x diff^T||^2 for a weight change diff [N, K] and H = E[x x^T] [K, K]."""
+    return ((diff @ hessian) * diff).sum()
+
+
+def fake_quantize_minmax(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """w rounded on each group's min/max grid, as dense floats (the scale search's quantizer)."""
+    groups = grouped(w, group_size)
+    grid = fit_minmax(groups, bits, symmetric)
+    return dequantize(quantize(groups, grid, bits), grid).reshape(w.shape)
+
+
+def search_scales(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    mean_abs: torch.Tensor,
+    bits: int,
+    group_sizes: list[int],
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Per-input-channel scales [K] for linears `weights` (each [N_i, K], grouped by
+    `group_sizes[i]`) that share one input with H = E[x x^T] and mean |x| = `mean_abs`."""
+    best_scales, best_err = torch.ones_like(mean_abs), float("inf")
+    for alpha in ALPHAS:
+        s = mean_abs.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, group_size in zip(weights, group_sizes):
+            q = fake_quantize_minmax(w * s, bits, group_size, symmetric) / s
+            err += float(output_error(q - w, hessian))
+        if err < best_err:
+            best_scales, best_err = s, err
+    return best_scales
+
+
+def group_output_error(hessian: torch.Tensor, group_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """error(diff [N, K // G, G]) -> [N, K // G, 1]: each group's output error through the
+    diagonal block of H that its inputs form."""
+    k = hessian.shape[0]
+    starts = torch.arange(0, k, group_size)
+    index = starts.view(-1, 1) + torch.arange(group_size).view(1, -1)
+    blocks = hessian[index.unsqueeze(-1), index.unsqueeze(1)]  # [K // G, G, G]
+
+    def error(diff: torch.Tensor) -> torch.Tensor:
+        weighted = torch.einsum("ngi,gij->ngj", diff, blocks)
+        return (weighted * diff).sum(-1, keepdim=True)
+
+    return error
+
+
+def quantize_awq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+) -> PackedWeight:
+    """Quantize w * scales (columns) with clip ranges searched on the output error of the
+    scaled inputs x / scales. The caller folds 1 / scales into the input's producer."""
+    scaled_w = w.float() * scales
+    scaled_h = hessian / scales.view(-1, 1) / scales.view(1, -1)
+    groups = grouped(scaled_w, group_size)
+    grid = fit_clipped(groups, bits, symmetric, group_output_error(scaled_h, group_size))
+    return to_packed(quantize(groups, grid, bits), grid, bits)
