@@ -17,6 +17,8 @@ SOURCES = [
     "kernels_scalar.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
+    "dequant.cpp",
+    "dequant_avx2.cpp",
     "dequant_avx512.cpp",
     "membw.cpp",
 ]
@@ -28,7 +30,7 @@ ext_modules = (
         Extension(
             "lutlm.kernels._lutlm_cpu",
             sources=[f"lutlm/kernels/csrc/{name}" for name in SOURCES],
-            depends=[f"lutlm/kernels/csrc/{h}" for h in ("lutlm.h", "internal.h", "epilogue_avx512.h")],
+            depends=[f"lutlm/kernels/csrc/{h}" for h in ("lutlm.h", "internal.h", "epilogue_avx2.h", "epilogue_avx512.h")],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra"],
             extra_link_args=["-pthread"],

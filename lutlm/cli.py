@@ -252,13 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize_cli.add_parser(sub)
 
-    from lutlm.bench import e2e, gpu_decode, kernels, serve_load
+    from lutlm.bench import e2e, gpu_decode, kernels, ppl_table, serve_load
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     serve_load.add_parser(bench)
     gpu_decode.add_parser(bench)
     e2e.add_parser(bench)
     kernels.add_parser(bench)
+    ppl_table.add_parser(bench)
     return parser
 
 

@@ -23,6 +23,7 @@ the int8 term again: |err| <= 1.5 x int8 term + rounding.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from functools import lru_cache
 
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernel libr
 U = 2.0**-24
 ISAS = [isa for isa in cpu.ISAS if cpu.ISAS.index(isa) <= cpu.ISAS.index(cpu.best_isa())] if cpu.available() else []
 SIMD_ISAS = [isa for isa in ISAS if isa != "scalar"]
+DEQUANT_ISAS = [isa for isa in SIMD_ISAS if isa in cpu_dequant.ISAS]  # the baseline has no portable version
 
 # (rows, inputs, group size): odd row counts (not a multiple of the 16-row tile), every
 # supported group size, whole rows whose length is not a multiple of 32, and SmolLM2's
@@ -155,24 +157,70 @@ def test_fast_aggregation_within_bound(bits, isa):
     check(y, y_ref, 1.5 * table_bound(x, w, h.q_block, h.ternary_tables) + rounding_bound(x, w))
 
 
-@pytest.mark.skipif(not cpu_dequant.available(), reason="the dequantize baseline needs AVX-512 VNNI")
+def activation_rounding_bound(x: torch.Tensor, w: PackedWeight, q_block: int) -> torch.Tensor:
+    """The dequantize baseline rounds activations to int8 per q-block (dx = max|x| / 127,
+    error <= dx / 2 each) and multiplies exact codes: |err| <= sum_blocks |s| (dx / 2) sum_k q_k,
+    with sum_k q_k <= (2^bits - 1) Q."""
+    k, group = w.in_features, w.group_size
+    k_pad = -(-k // q_block) * q_block
+    blocks = torch.nn.functional.pad(x, (0, k_pad - k)).abs().view(x.shape[0], k_pad // q_block, q_block)
+    dx = blocks.amax(-1) / 127
+    group_of_block = torch.clamp(torch.arange(k_pad // q_block) * q_block // group, max=k // group - 1)
+    s = w.scales.float().abs()[:, group_of_block]
+    return (dx.unsqueeze(1) * s * 0.5 * ((1 << w.bits) - 1) * q_block).sum(-1)
+
+
+@pytest.mark.skipif(not DEQUANT_ISAS, reason="the dequantize baseline needs AVX2 or AVX-512")
+@pytest.mark.parametrize("isa", DEQUANT_ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k,group", [(37, 256, 32), (21, 384, 128), (19, 200, 200), (576, 1536, 128)])
-def test_dequantize_baseline_within_activation_rounding_bound(n, k, group, bits):
-    """The benchmark's baseline rounds activations to int8 per q-block (dx = max|x| / 127,
-    error <= dx / 2 each) and multiplies exact codes: |err| <= sum_blocks |s| (dx / 2) sum_k q_k,
-    with sum_k q_k <= (2^bits - 1) Q, plus rounding."""
+def test_dequantize_baseline_within_activation_rounding_bound(n, k, group, bits, isa):
+    cpu.set_isa(isa)
+    assert cpu_dequant.available()
     w = make_weight(n, k, group, bits)
     q_block = cpu.prepare(w).q_block
     x = activations(3, k)
     y = cpu_dequant.matmul(x, cpu_dequant.prepare(w))
-    k_pad = -(-k // q_block) * q_block
-    blocks = torch.nn.functional.pad(x, (0, k_pad - k)).abs().view(3, k_pad // q_block, q_block)
-    dx = blocks.amax(-1) / 127
-    group_of_block = torch.clamp(torch.arange(k_pad // q_block) * q_block // group, max=k // group - 1)
-    s = w.scales.float().abs()[:, group_of_block]
-    bound = (dx.unsqueeze(1) * s * 0.5 * ((1 << bits) - 1) * q_block).sum(-1)
-    check(y, reference.matmul(x, reference.prepare(w)), bound + rounding_bound(x, w))
+    check(y, reference.matmul(x, reference.prepare(w)), activation_rounding_bound(x, w, q_block) + rounding_bound(x, w))
+
+
+@pytest.mark.skipif(not DEQUANT_ISAS, reason="the dequantize baseline needs AVX2 or AVX-512")
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_dequantize_baseline_threads_batches_and_instruction_sets(bits):
+    # As test_threads_and_batches: one token on 2 threads splits K (18 q-blocks of 128, two
+    # per group: the second part starts inside a group), 70 tokens span two token blocks.
+    # The int8 activations and integer sums are the same on every instruction set and
+    # thread count; only the order of float partial sums differs.
+    cpu.set_parallel_threshold(0)
+    w = make_weight(48, 2304, 256, bits)
+    q_block = cpu.prepare(w).q_block
+    assert q_block == 128
+    h = cpu_dequant.prepare(w)
+    x = activations(70, 2304)
+    y_ref = reference.matmul(x, reference.prepare(w))
+    bound = activation_rounding_bound(x, w, q_block) + rounding_bound(x, w)
+    first = {}
+    for isa in DEQUANT_ISAS:
+        cpu.set_isa(isa)
+        for threads in (1, 2):
+            cpu.set_num_threads(threads)
+            for batch in (1, 70):
+                y = cpu_dequant.matmul(x[:batch], h)
+                check(y, y_ref[:batch], bound[:batch])
+                if batch in first:
+                    check(y, first[batch], rounding_bound(x[:batch], w))
+                else:
+                    first[batch] = y
+
+
+def test_dequantize_baseline_needs_simd():
+    h = cpu_dequant.prepare(make_weight(16, 96, 32, 2))
+    x, y = torch.randn(1, 96), torch.empty(1, 16)
+    cpu.set_isa("scalar")
+    assert not cpu_dequant.available()
+    with pytest.raises(RuntimeError, match="needs AVX2 or AVX-512; the instruction set in use is scalar"):
+        cpu_dequant.matmul(x, h)
+    assert cpu.library().lutlm_dequant_matmul(ctypes.byref(h.c), x.data_ptr(), 1, y.data_ptr()) == -1
 
 
 def test_instruction_sets_agree_on_int8_tables():

@@ -50,6 +50,7 @@ from lutlm import peer
 from lutlm.bench import synthetic
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.formats import Checkpoint, load_checkpoint
+from lutlm.formats.gguf import linear_storage
 from lutlm.kernels import cpu
 
 MODELS = ("smollm2", "llama2-7b", "llama3-8b")
@@ -163,21 +164,6 @@ def lutlm_variants(checkpoint_fn, slug: str, group_size: int, kinds: list[str], 
     return variants
 
 
-LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
-                   "ffn_up.weight", "ffn_down.weight")
-
-
-def gguf_storage(path: str) -> tuple[float, str]:
-    """Bits per weight of a GGUF's decoder-layer linears and the type of its output head."""
-    from gguf import GGUFReader
-
-    tensors = {t.name: t for t in GGUFReader(path).tensors}
-    linears = [t for name, t in tensors.items() if name.startswith("blk.") and name.endswith(LINEAR_SUFFIXES)]
-    bits = 8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears)
-    head = tensors.get("output.weight", tensors["token_embd.weight"])
-    return bits, head.tensor_type.name
-
-
 def peer_variants(source: str, source_kind: str, kinds: list[str], slug: str, work: Path,
                   context: int) -> list[Variant]:
     """llama.cpp's variants: the `source` GGUF (of type `source_kind`) and its quantizations."""
@@ -186,7 +172,7 @@ def peer_variants(source: str, source_kind: str, kinds: list[str], slug: str, wo
         path = Path(source) if kind == source_kind else work / f"{slug}-{kind}.gguf"
         if not path.exists():
             peer.quantize(source, str(path), kind)
-        bits, head = gguf_storage(str(path))
+        bits, head = linear_storage(str(path))
         runner = peer.LlamaCpp(str(path), n_ctx=context, logits_all=False)
         variants.append(Variant("llama.cpp", kind, bits, head, runner))
     return variants

@@ -36,6 +36,8 @@ DRAM_PROBE_BYTES = 512 << 20
 MIN_SECONDS = 0.25  # time each measurement at least this long (and at least MIN_REPEATS times)
 MIN_REPEATS, MAX_REPEATS, WARMUP = 5, 200, 2
 CALLS_PER_TURN = 4  # one cold call, then warm ones (see time_calls)
+# The baseline's dot product on each instruction set (cpu_dequant runs on the one in use).
+DEQUANT_LABELS = {"avx512": "dequantize + VNNI dot (AVX-512)", "avx2": "dequantize + maddubs dot (AVX2)"}
 
 
 def parse_shapes(text: str) -> list[tuple[str, int, int]]:
@@ -167,6 +169,9 @@ def run(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print("warm: weights left in cache by the previous call; cold: after the other contenders ran")
+    if rows:
+        isa = rows[0]["isa"]
+        print(f"instruction set: {isa}; dequant: " + (DEQUANT_LABELS[isa] if "dequant_ms" in rows[0] else "not available"))
     print(f"{'shape':>11} {'bits':>7} {'thr':>3} {'batch':>5} | {'lutlm ms warm (p25-p75)':>25} {'cold':>7} | "
           f"{'torch fp32':>10} | {'dequant':>7} {'cold':>7} | {'x torch':>7} {'x deq':>5} {'cold':>5} | "
           f"{'GB/s':>5} {'cold':>5} {'DRAM':>5} {'same-size':>9}")
@@ -200,7 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(xs, [r["lutlm_ms"] for r in sel], "o-", color="C0", label="lutlm table lookup")
         ax.plot(xs, [r["lutlm_cold_ms"] for r in sel], "o:", color="C0", alpha=0.5, label="lutlm, cold cache")
         if all("dequant_ms" in r for r in sel):
-            ax.plot(xs, [r["dequant_ms"] for r in sel], "s--", color="C1", label="dequantize + VNNI dot")
+            ax.plot(xs, [r["dequant_ms"] for r in sel], "s--", color="C1", label=DEQUANT_LABELS.get(sel[0]["isa"], "dequantize"))
         ax.axhline(sel[0]["torch_fp32_ms"], color="gray", linestyle=":", label="PyTorch fp32")
         ax.set_xticks(list(xs), labels)
         ax.set_yscale("log")

@@ -277,3 +277,19 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
         tensors[name] = weight
         tensor_types[name] = type_name(tensor.tensor_type)
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=path, tensor_types=tensor_types)
+
+
+DECODER_LINEARS = tuple(f"{name}.weight" for name in
+                        ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+
+
+def linear_storage(path: str | os.PathLike) -> tuple[float, str]:
+    """Bits per weight of a GGUF's decoder-layer linears (block scales included) and the
+    type of its output head: what a quantization costs, set beside lutlm's packed layers."""
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    linears = [t for name, t in tensors.items() if name.startswith("blk.") and name.endswith(DECODER_LINEARS)]
+    if not linears:
+        raise ValueError(f"{path}: no decoder-layer linear tensors (blk.N.attn_q.weight ...)")
+    bits = 8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears)
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    return bits, head.tensor_type.name

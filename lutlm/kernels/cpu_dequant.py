@@ -1,8 +1,10 @@
-"""The dequantize-then-multiply baseline on the CPU (csrc/dequant_avx512.cpp), for benchmarks.
+"""The dequantize-then-multiply baseline on the CPU (csrc/dequant*.cpp), for benchmarks.
 
-llama.cpp's method, written as well as we could for AVX-512 VNNI: codes unpacked to bytes,
-activations quantized to int8 per block, vpdpbusd dot products. The benchmark sets it
-beside the table-lookup kernels at the same bits; it is not a model backend.
+llama.cpp's method, written as well as we could for AVX-512 VNNI (vpdpbusd) and for AVX2
+(vpmaddubsw + vpmaddwd): codes unpacked to bytes, activations quantized to int8 per block,
+integer dot products. It runs on the instruction set in use (cpu.get_isa(), which
+cpu.set_isa() lowers); there is no portable version. The benchmark sets it beside the
+table-lookup kernels at the same bits; it is not a model backend.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from lutlm.kernels import cpu
 from lutlm.kernels.cpu_layout import dequant_codes, kernel_shape, tile_scales
 
 
+ISAS = ("avx2", "avx512")
+
+
 def available() -> bool:
-    return cpu.available() and cpu.best_isa() == "avx512"
+    """Whether the baseline runs with the instruction set in use (AVX2 or AVX-512)."""
+    return cpu.available() and cpu.get_isa() in ISAS
 
 
 @dataclass
@@ -43,7 +49,8 @@ def prepare(w: PackedWeight) -> DequantWeight:
 
 def matmul(x: torch.Tensor, handle: DequantWeight) -> torch.Tensor:
     if not available():
-        raise RuntimeError("the dequantize baseline needs AVX-512 VNNI")
+        isa = cpu.get_isa() if cpu.available() else "none (library not built)"
+        raise RuntimeError(f"the dequantize baseline needs AVX2 or AVX-512; the instruction set in use is {isa}")
     rows = cpu.as_rows(x, handle.in_features)
     y = torch.empty(rows.shape[0], handle.out_features, dtype=torch.float32)
     if rows.shape[0] and cpu.library().lutlm_dequant_matmul(ctypes.byref(handle.c), rows.data_ptr(), rows.shape[0], y.data_ptr()):

@@ -1,7 +1,7 @@
 """Canonical packed weights -> the CPU kernels' layouts, done once at load time.
 
 The byte-level layouts are documented in csrc/lutlm.h (table lookup) and
-csrc/dequant_avx512.cpp (the dequantize-then-multiply baseline); this module only
+csrc/dequant.cpp (the dequantize-then-multiply baseline); this module only
 permutes bits into them with plain tensor indexing.
 
 Sizes the kernels accept: any group size that is a multiple of 32, or one group per row

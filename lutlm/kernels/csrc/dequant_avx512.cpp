@@ -1,19 +1,10 @@
-/* The honest baseline: dequantize-then-multiply, as llama.cpp does it, on AVX-512 VNNI.
+/* The dequantize baseline on AVX-512 VNNI (layout and method: dequant.cpp).
  *
- * Activations are quantized to int8 per q-block (like llama.cpp's Q8 blocks); weight codes
- * are unpacked to unsigned bytes with one AND each and multiplied by vpdpbusd, 64 products
- * per instruction, the activations broadcast from memory. This is llama.cpp's Q4_0 x Q8_0
- * method, with 16 rows per register instead of one row (no horizontal sums) and plane
- * masks instead of shifts (each mask's products go to their own accumulator and are
- * shifted back exactly once per q-block). Its GEMM runs the GEMV kernel per token over
- * cache-resident weight tiles, as ggml's vec_dot does.
- *
- * Layout (tile of 16 rows, K-step of 32 inputs, `bits` blocks of 64 bytes per step, byte
- * (r, p) of a block at 4 r + p; q = the code, inputs numbered within the step):
- *   4 bits: 4 blocks j:  low nibble q[8j + p], high nibble q[8j + 4 + p]
- *   2 bits (and the low 2 bits of 3-bit codes): 2 blocks j: bits 2m..2m+1 hold q[16j + 4m + p]
- *   1 bit (and bit 2 of 3-bit codes): 1 block: bit m holds q[4m + p]
- * Scales as in the table-lookup layout (lutlm.h).
+ * Weight codes are unpacked to unsigned bytes with one AND each and multiplied by vpdpbusd,
+ * 64 products per instruction, the activations broadcast from memory. This is llama.cpp's
+ * Q4_0 x Q8_0 method, with 16 rows per register instead of one row (no horizontal sums)
+ * and plane masks instead of shifts (each mask's products go to their own accumulator and
+ * are shifted back exactly once per q-block).
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
 
@@ -24,23 +15,6 @@
 #include "epilogue_avx512.h"
 
 namespace {
-
-/* The baseline's activation buffer, in the ActLayout fields: int8 activations at
- * `tables`, their per-q-block scales at `table_scale`, the blocks' sums at `x_sum`. */
-Geometry dequant_geometry(const lutlm_weight *w, int *ok) {
-    Geometry g;
-    *ok = lutlm_geometry(w, LUTLM_INT8, &g) == 0 && w->kind == LUTLM_PLANES;
-    if (!*ok) return g;
-    ActLayout &a = g.act;
-    a.tables = 0;
-    a.has_pairs = 0;
-    a.pair_tables = a.table_scale = lutlm_align64((size_t)w->k_padded);
-    a.x_sum = a.table_scale + lutlm_align64(g.n_qblocks * sizeof(float));
-    a.bytes = a.x_sum + lutlm_align64(g.n_qblocks * sizeof(float));
-    g.mid = 0.0f; /* w = s (q - z):  sum_k w_k x_k = s (dx sum_k q_k xq_k - z sum_k x_k) */
-    g.factor = 1.0f;
-    return g;
-}
 
 void quantize_activations(const Geometry *g, const float *x, uint8_t *act) {
     const lutlm_weight *w = g->w;
@@ -133,21 +107,8 @@ void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8
     _mm512_storeu_ps(out, e.end(acc_out));
 }
 
-TileFn tile_for(int bits) {
-    switch (bits) {
-        case 1: return tile<1>;
-        case 2: return tile<2>;
-        case 3: return tile<3>;
-        default: return tile<4>;
-    }
-}
+const DequantKernels kAvx512 = {quantize_activations, {nullptr, tile<1>, tile<2>, tile<3>, tile<4>}};
 
 }  // namespace
 
-extern "C" int lutlm_dequant_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y) {
-    if (batch == 0) return 0;
-    int ok;
-    const Geometry g = dequant_geometry(w, &ok);
-    if (lutlm_best_isa() < LUTLM_AVX512 || !ok || !x || !y || batch < 0) return -1;
-    return lutlm_run_tiled(&g, x, batch, y, quantize_activations, tile_for(w->bits), nullptr);
-}
+const DequantKernels *lutlm_dequant_avx512_kernels(void) { return &kAvx512; }

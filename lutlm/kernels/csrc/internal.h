@@ -2,9 +2,12 @@
  *
  * Each ISA file (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp) is compiled for
  * its own instruction set and provides an `IsaKernels` table; api.cpp picks one at run
- * time and driver.cpp runs it over tiles, tokens and threads. ISA files use only this header, <immintrin.h> and C headers, and
- * keep everything but their table getter file-local, so that no inline function compiled
- * for AVX-512 can be chosen by the linker for code that runs on a machine without it.
+ * time and driver.cpp runs it over tiles, tokens and threads. The dequantize baseline's
+ * ISA files (dequant_avx2.cpp, dequant_avx512.cpp) provide a `DequantKernels` table in the
+ * same way, picked by dequant.cpp. ISA files use only this header, their ISA's epilogue
+ * header (whose contents are file-local too), <immintrin.h> and C headers, and keep
+ * everything but their table getter file-local, so that no inline function compiled for
+ * AVX-512 can be chosen by the linker for code that runs on a machine without it.
  */
 #ifndef LUTLM_INTERNAL_H
 #define LUTLM_INTERNAL_H
@@ -86,6 +89,16 @@ typedef struct {
 const IsaKernels *lutlm_scalar_kernels(void);
 const IsaKernels *lutlm_avx2_kernels(void);
 const IsaKernels *lutlm_avx512_kernels(void);
+
+/* The dequantize-then-multiply baseline (dequant.cpp: its geometry, activation buffer and
+ * dispatch): int8 activations per q-block, and a tile kernel per code width. */
+typedef struct {
+    BuildActFn quantize_act;
+    TileFn tile[5]; /* by bits, 1..4 */
+} DequantKernels;
+
+const DequantKernels *lutlm_dequant_avx2_kernels(void);
+const DequantKernels *lutlm_dequant_avx512_kernels(void);
 
 /* Float tables: exact mode, portable only (it exists for testing). */
 void lutlm_build_act_float(const Geometry *g, const float *x, uint8_t *act);

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "epilogue_avx2.h"
 
 namespace {
 
@@ -126,20 +127,6 @@ inline __m256i sign_bytes(const uint8_t *bits) {
 }
 
 inline __m256i negate_where(__m256i v, __m256i m) { return _mm256_sub_epi8(_mm256_xor_si256(v, m), m); }
-
-/* Same formula as the AVX-512 epilogue, for the 8 rows of half h of q-block qb in group gi. */
-inline __m256 epilogue(const Geometry *g, const uint16_t *tile_scales, const uint8_t *act, int64_t qb, int64_t gi,
-                       int h, __m256i sum, float sum_offset, __m256 out) {
-    const float *unit = (const float *)(act + g->act.table_scale);
-    const float *xsum = (const float *)(act + g->act.x_sum);
-    const uint16_t *sc = tile_scales + gi * 2 * LUTLM_TILE_ROWS + 8 * h;
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
-    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + LUTLM_TILE_ROWS)));
-    const __m256 zs = _mm256_mul_ps(_mm256_sub_ps(_mm256_set1_ps(g->mid), z), _mm256_set1_ps(xsum[qb]));
-    const __m256 acc = _mm256_add_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(sum_offset));
-    const __m256 u = _mm256_fmadd_ps(acc, _mm256_set1_ps(unit[qb] * g->factor), zs);
-    return _mm256_fmadd_ps(s, u, out);
-}
 
 /* See the AVX-512 file: FAST's offset per unit of byte weight in one average. */
 inline float fast_offset(int64_t averages_times_weight) { return -(128.0f + 0.25f) * (float)averages_times_weight; }

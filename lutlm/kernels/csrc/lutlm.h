@@ -101,9 +101,11 @@ LUTLM_API void lutlm_set_parallel_threshold(double work);
 /* y[batch, n] = x[batch, k] @ W^T by table lookup. Returns 0, or -1 for a bad argument. */
 LUTLM_API int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode);
 
-/* The dequantize-then-multiply baseline (llama.cpp's method: codes unpacked to int8, dot
- * products with int8-quantized activations by vpdpbusd). Its own layout: see
- * dequant_avx512.cpp. AVX-512 only; returns -1 where that is missing. */
+/* The dequantize-then-multiply baseline (llama.cpp's method: codes unpacked to bytes, dot
+ * products with int8-quantized activations by vpdpbusd on AVX-512, vpmaddubsw + vpmaddwd
+ * on AVX2). Its own layout: see dequant.cpp. Runs on the instruction set in use
+ * (lutlm_get_isa); returns -1 on the scalar one (there is no portable version) and for a
+ * bad argument. */
 LUTLM_API int lutlm_dequant_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y);
 
 /* Memory read bandwidth in bytes per second, streaming `bytes` with the current threads. */

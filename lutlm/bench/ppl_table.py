@@ -1,0 +1,266 @@
+"""`lutlm bench ppl`: perplexity against bits per weight, lutlm's quantizers beside llama.cpp's.
+
+One run, one text, one set of chunks for every row, so that rows differ only by their weights:
+
+  * the source model (the GGUF dequantized to float32, run by lutlm);
+  * lutlm's RTN, AWQ and GPTQ at each bit-width and group size asked for, and ternary
+    (absmean, per tensor), quantized from that source and run on the exact reference path
+    (weights dequantized once, fp32 matmuls), so that a row measures its quantizer alone;
+  * with llama-cpp-python installed, llama.cpp's own quantizations of the same source GGUF
+    (requantized by its quantize function) and the source itself, run and scored by
+    llama.cpp on the very tokens lutlm scored.
+
+Bits per weight count the decoder-layer linears only, scales and zeros included (embedding
+and output head are kept the same way by both engines' defaults, and reported apart).
+
+Calibration (AWQ, GPTQ) takes the text's last tokens (lutlm.quantize.calibration); every
+row skips the chunks that overlap them, so no row is scored on text a quantizer saw.
+On SmolLM2, whose hidden size 576 is not a multiple of 128, "g128" uses the group-size
+fallback (QuantConfig.group_fallback): groups of 96 where K = 576, 128 where K = 1536; the
+bits per weight reported are those of the group sizes used.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lutlm import peer
+from lutlm.formats import load_checkpoint
+from lutlm.formats.gguf import linear_storage
+from lutlm.loader import build_model, default_model_path
+from lutlm.perplexity import DEFAULT_TEXT, PerplexityResult, model_perplexity, perplexity_tokens, read_text, score_chunks
+from lutlm.quantize.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibration_set
+from lutlm.quantize.config import QuantConfig
+from lutlm.quantize.model_quantizer import quantize_checkpoint
+from lutlm.tokenizer import Tokenizer
+
+PEER_TYPES = ("Q4_K", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0")
+TARGETS = {4: 0.04, 3: 0.15}  # allowed perplexity increase over the source at group size 128
+
+
+@dataclass
+class Row:
+    engine: str
+    variant: str  # e.g. "gptq 4-bit g128", "Q4_K", "source"
+    method: str  # "source", a lutlm method, or "llama.cpp"
+    bits: int | None
+    group: str  # "g128", "g64", "per-tensor", "" for llama.cpp types
+    bits_per_weight: float
+    ppl: float
+    ppl_low: float
+    ppl_high: float
+    tokens_scored: int
+    quantize_seconds: float
+    eval_seconds: float
+
+    def delta(self, source_ppl: float) -> float:
+        return self.ppl / source_ppl - 1.0
+
+
+def scored_row(engine, variant, method, bits, group, bpw, result: PerplexityResult, q_seconds, e_seconds) -> Row:
+    low, high = result.ppl_interval
+    return Row(engine, variant, method, bits, group, bpw, result.perplexity, low, high, result.tokens_scored,
+               q_seconds, e_seconds)
+
+
+def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool) -> list[QuantConfig]:
+    configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True)
+               for b in bits for g in groups for m in methods]
+    return configs + ([QuantConfig(method="ternary")] if ternary else [])
+
+
+def run(args) -> dict:
+    source = args.model or default_model_path()
+    if not str(source).endswith(".gguf"):
+        raise ValueError("bench ppl compares with llama.cpp's quantizations of a GGUF file; -m must name one")
+    methods = [m for m in args.methods.split(",") if m]
+    bits = [int(b) for b in args.bits.split(",") if b]
+    groups = [int(g) for g in args.groups.split(",") if g]
+    configs = lutlm_configs(methods, bits, groups, not args.no_ternary)  # refuses bad requests before work
+    use_peer = peer.available() and not args.no_peer
+    args.max_chunks = args.max_chunks or None
+    torch.set_num_threads(args.threads)
+
+    checkpoint = load_checkpoint(source)
+    tokenizer = Tokenizer(checkpoint.tokenizer)
+    text = read_text(args.text)
+    tokens, bos = perplexity_tokens(tokenizer, text)
+    calibration = calibration_set(tokenizer, args.text, args.calib_sequences, args.calib_seq_len)
+    exclude = calibration.token_range
+    source_bpw, head_type = linear_storage(source)
+
+    def evaluate(model) -> tuple[PerplexityResult, float]:
+        start = time.perf_counter()
+        result = model_perplexity(model, tokenizer, text, args.ctx, args.max_chunks, exclude, progress=True)
+        return result, time.perf_counter() - start
+
+    rows = []
+    source_result, seconds = evaluate(build_model(checkpoint))
+    result = source_result
+    rows.append(scored_row("lutlm", "source (dequantized)", "source", None, "", source_bpw, result, 0.0, seconds))
+    print(f"source: ppl {result.perplexity:.3f} over {result.tokens_scored} tokens ({result.chunks} chunks)")
+
+    for config in tqdm(configs, desc="lutlm rows", unit="row"):
+        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in ("awq", "gptq")
+                                              else None, progress=False)
+        result, seconds = evaluate(build_model(quantized, backend="reference"))
+        group = ("per-tensor" if config.ternary_group is None else f"g{config.ternary_group}") if config.ternary \
+            else f"g{config.group_size}"
+        rows.append(scored_row("lutlm", config.describe(), config.method, None if config.ternary else config.bits,
+                               group, info.bits_per_weight, result, info.seconds, seconds))
+        tqdm.write(f"{config.describe()}: {info.bits_per_weight:.3f} bpw, ppl {result.perplexity:.3f} "
+                   f"(quantized in {info.seconds:.0f} s)")
+
+    if use_peer:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        stem = Path(source).stem
+        for kind in tqdm(["source", *args.peer_types.split(",")], desc="llama.cpp rows", unit="row"):
+            start = time.perf_counter()
+            path = source if kind == "source" else str(work / f"{stem}-{kind}.gguf")
+            if kind != "source" and not Path(path).exists():
+                peer.quantize(source, path, kind)
+            q_seconds = time.perf_counter() - start
+            bpw, _ = linear_storage(path)
+            llama = peer.LlamaCpp(path, n_ctx=args.ctx, n_threads=args.threads)
+            start = time.perf_counter()
+            result = score_chunks(llama.logits, tokens, args.ctx, args.max_chunks, exclude, bos)
+            del llama
+            label = f"{Path(source).stem.rsplit('.', 1)[-1]} (source)" if kind == "source" else kind
+            rows.append(scored_row("llama.cpp", label, "llama.cpp", None, "", bpw, result, q_seconds,
+                                   time.perf_counter() - start))
+            tqdm.write(f"llama.cpp {label}: {bpw:.3f} bpw, ppl {result.perplexity:.3f}")
+
+    report = {
+        "model": source,
+        "text": args.text,
+        "ctx": args.ctx,
+        "chunks": source_result.chunks,
+        "tokens_scored": source_result.tokens_scored,
+        "excluded_tokens": list(exclude),
+        "calibration": calibration.describe(),
+        "threads": args.threads,
+        "head": f"{head_type} in the source, kept as is by both engines",
+        "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
+        "rows": [asdict(r) for r in rows],
+    }
+    report["targets"] = check_targets(rows)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{args.stem}.md").write_text(markdown(report))
+    plot(report, out / f"{args.stem}.png")
+    print(markdown(report))
+    print(f"wrote {out / args.stem}.{{md,json,png}}")
+    return report
+
+
+def check_targets(rows: list[Row]) -> list[dict]:
+    """The issue's targets, each with the measured figures and whether it is met."""
+    source = next(r for r in rows if r.method == "source")
+    targets = []
+    for bits, allowed in TARGETS.items():
+        candidates = [r for r in rows if r.method in ("awq", "gptq") and r.bits == bits and r.group == "g128"]
+        if candidates:
+            best = min(candidates, key=lambda r: r.ppl)
+            targets.append({"target": f"{bits}-bit g128, AWQ or GPTQ, within +{allowed:.0%} of the source",
+                            "row": best.variant, "delta": best.delta(source.ppl),
+                            "met": best.delta(source.ppl) <= allowed})
+    for peer_row in (r for r in rows if r.engine == "llama.cpp" and "source" not in r.variant):
+        worse = [r for r in rows if r.engine == "lutlm" and r.method != "source"
+                 and r.bits_per_weight >= peer_row.bits_per_weight and r.ppl > peer_row.ppl]
+        targets.append({"target": f"no lutlm row at >= {peer_row.bits_per_weight:.2f} bpw worse than "
+                                  f"llama.cpp {peer_row.variant} (ppl {peer_row.ppl:.2f})",
+                        "row": ", ".join(f"{r.variant} ({r.ppl:.2f})" for r in worse) or "none worse",
+                        "delta": None, "met": not worse})
+    return targets
+
+
+def markdown(report: dict) -> str:
+    rows = [Row(**r) for r in report["rows"]]
+    source = next(r for r in rows if r.method == "source")
+    lines = [
+        f"# Perplexity against bits per weight: {Path(report['model']).name}",
+        "",
+        f"Text {report['text']}, context {report['ctx']}, {report['tokens_scored']} tokens scored per row (the same "
+        f"chunks for every row; chunks overlapping the calibration tokens {report['excluded_tokens'][0]}.."
+        f"{report['excluded_tokens'][1]} skipped). Bits per weight: decoder-layer linears, scales and zeros "
+        f"included; output head: {report['head']}. lutlm rows run on the exact reference path; llama.cpp rows are "
+        f"run and scored by {report['peer']}. 95% interval from the standard error of the mean NLL "
+        f"(rows are scored on identical tokens, so their differences are far tighter than the intervals).",
+        "",
+        "| engine | variant | bits/weight | perplexity | 95% interval | vs source | quantize s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.engine != "lutlm" or r.method != "source", -r.bits_per_weight)):
+        lines.append(f"| {r.engine} | {r.variant} | {r.bits_per_weight:.3f} | {r.ppl:.3f} | "
+                     f"{r.ppl_low:.2f}-{r.ppl_high:.2f} | {100 * r.delta(source.ppl):+.1f}% | {r.quantize_seconds:.0f} |")
+    lines += ["", "## Targets", "", "| target | row | vs source | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        delta = "" if t["delta"] is None else f"{100 * t['delta']:+.1f}%"
+        lines.append(f"| {t['target']} | {t['row']} | {delta} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [Row(**r) for r in report["rows"]]
+    source = next(r for r in rows if r.method == "source")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.axhline(source.ppl, color="gray", linestyle=":", label=f"source ({source.ppl:.2f})")
+    styles = {"rtn": "C0", "awq": "C1", "gptq": "C2"}
+    for method, color in styles.items():
+        for group, marker, line in (("g128", "o", "-"), ("g64", "s", "--")):
+            sel = sorted((r for r in rows if r.method == method and r.group == group), key=lambda r: r.bits_per_weight)
+            if sel:
+                ax.plot([r.bits_per_weight for r in sel], [r.ppl for r in sel], marker=marker, linestyle=line,
+                        color=color, label=f"lutlm {method} {group}")
+    for r in rows:
+        if r.method == "ternary":
+            ax.plot(r.bits_per_weight, r.ppl, "D", color="C4", label=f"lutlm {r.variant}")
+        if r.engine == "llama.cpp":
+            ax.plot(r.bits_per_weight, r.ppl, "x", color="C3", markersize=9)
+            ax.annotate(r.variant, (r.bits_per_weight, r.ppl), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8, color="C3")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (decoder linears, scales included)")
+    ax.set_ylabel(f"perplexity, context {report['ctx']} (log scale)")
+    ax.set_title(f"{Path(report['model']).name}: perplexity vs bits (x: llama.cpp)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_parser(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser("ppl", help="perplexity vs bits: lutlm's quantizers beside llama.cpp's")
+    p.add_argument("-m", "--model", help="source GGUF (default: the bundled model)")
+    p.add_argument("--text", default=DEFAULT_TEXT, help=f"text to score and calibrate on (default: {DEFAULT_TEXT})")
+    p.add_argument("--ctx", type=int, default=512, help="context of each scored chunk")
+    p.add_argument("--max-chunks", type=int, default=40, help="chunks scored per row (0: the whole text)")
+    p.add_argument("--methods", default="rtn,awq,gptq", help="lutlm methods, comma-separated")
+    p.add_argument("--bits", default="4,3,2", help="bit-widths, comma-separated")
+    p.add_argument("--groups", default="128,64", help="group sizes, comma-separated (g128 falls back where needed)")
+    p.add_argument("--no-ternary", action="store_true", help="leave out the ternary row")
+    p.add_argument("--peer-types", default=",".join(PEER_TYPES), help="llama.cpp quantizations, comma-separated")
+    p.add_argument("--no-peer", action="store_true", help="lutlm rows only, even with llama-cpp-python installed")
+    p.add_argument("--calib-sequences", type=int, default=DEFAULT_SEQUENCES)
+    p.add_argument("--calib-seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    p.add_argument("--threads", type=int, default=2, help="threads for PyTorch and llama.cpp")
+    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "lutlm-bench-ppl"),
+                   help="where llama.cpp's quantized GGUF files are kept between runs")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--stem", default="ppl_smollm2", help="file name stem of the results")
+    p.set_defaults(func=run)

@@ -1,0 +1,193 @@
+/* The dequantize baseline on AVX2 (layout and method: dequant.cpp).
+ *
+ * llama.cpp's AVX2 method: without vpdpbusd, a row's products are vpmaddubsw (unsigned
+ * codes times signed activations, adjacent pairs summed to int16) then vpmaddwd with ones
+ * (pairs of pairs, to int32). vpmaddubsw saturates at int16, so codes are shifted down to
+ * their value before the multiply ((v >> 4) & 15, (v >> 2m) & 3, (v >> m) & 1), not masked
+ * in place as on AVX-512; 3-bit codes are put together from their two blocks, as llama.cpp
+ * does for Q3_K. A 64-byte block is handled as two 32-byte halves (rows 0-7 and 8-15), both
+ * multiplying the same broadcast activations.
+ *
+ * The int16 sums are widened only when they could overflow: a product pair is at most
+ * 2 * 127 * (2^bits - 1), so 8 pairs (one row's K-step) fit at every width, and a whole
+ * q-block of at most 4 K-steps at 1 and 2 bits (4 * 8 * 762 < 2^15).
+ */
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "internal.h"
+#include "epilogue_avx2.h"
+
+namespace {
+
+inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+void quantize_activations(const Geometry *g, const float *x, uint8_t *act) {
+    const lutlm_weight *w = g->w;
+    int8_t *xq = (int8_t *)(act + g->act.tables);
+    float *dx = (float *)(act + g->act.table_scale), *xsum = (float *)(act + g->act.x_sum);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    /* packs interleaves the four vectors' 128-bit lanes; this puts their dwords back. */
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t qb = 0; qb < g->n_qblocks; qb++) {
+        const float *xb = x + qb * w->q_block;
+        __m256 m0 = _mm256_setzero_ps(), m1 = m0, s0 = m0, s1 = m0;
+        for (int64_t i = 0; i < w->q_block; i += 16) { /* q_block is a multiple of 32 */
+            const __m256 a = _mm256_loadu_ps(xb + i), b = _mm256_loadu_ps(xb + i + 8);
+            m0 = _mm256_max_ps(m0, _mm256_and_ps(a, abs_mask));
+            m1 = _mm256_max_ps(m1, _mm256_and_ps(b, abs_mask));
+            s0 = _mm256_add_ps(s0, a);
+            s1 = _mm256_add_ps(s1, b);
+        }
+        const float amax = hmax(_mm256_max_ps(m0, m1));
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        dx[qb] = amax / 127.0f;
+        xsum[qb] = hsum(_mm256_add_ps(s0, s1));
+        for (int64_t i = 0; i < w->q_block; i += 32) {
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), inv));
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+            _mm256_storeu_si256((__m256i *)(xq + qb * w->q_block + i), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+    }
+}
+
+inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Unsigned codes times signed activations, adjacent pairs summed: int16, exact here. */
+inline __m256i mul(__m256i codes, __m256i x) { return _mm256_maddubs_epi16(codes, x); }
+
+/* (byte >> SHIFT) & MASK for each byte (the 16-bit shift's spill from the next byte is masked off). */
+template <int SHIFT, int MASK>
+inline __m256i field(__m256i v) {
+    if constexpr (SHIFT > 0) v = _mm256_srli_epi16(v, SHIFT);
+    return _mm256_and_si256(v, _mm256_set1_epi8(MASK));
+}
+
+/* Bit B of each byte, as the value 4 (bit 2 of a 3-bit code). */
+template <int B>
+inline __m256i bit_as_4(__m256i v) {
+    __m256i s = v;
+    if constexpr (B > 2) s = _mm256_srli_epi16(v, B - 2);
+    if constexpr (B < 2) s = _mm256_slli_epi16(v, 2 - B);
+    return _mm256_and_si256(s, _mm256_set1_epi8(4));
+}
+
+/* One K-step's int16 products of half h (rows 8h .. 8h + 7): each lane holds a row's sums of
+ * pairs; summed over the step, at most 8 * 2 * 127 * (2^BITS - 1) in magnitude. */
+template <int BITS>
+inline void step(const uint8_t *wp, const int8_t *xs, __m256i sum16[2]) {
+    if (BITS == 4) {
+        for (int j = 0; j < 4; j++) {
+            const __m256i xl = bcast4(xs + 8 * j), xh = bcast4(xs + 8 * j + 4);
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 64 * j + 32 * h));
+                sum16[h] = _mm256_add_epi16(
+                    sum16[h], _mm256_add_epi16(mul(field<0, 0x0F>(v), xl), mul(field<4, 0x0F>(v), xh)));
+            }
+        }
+    }
+    if (BITS == 2) {
+        for (int j = 0; j < 2; j++) {
+            const __m256i x0 = bcast4(xs + 16 * j), x1 = bcast4(xs + 16 * j + 4);
+            const __m256i x2 = bcast4(xs + 16 * j + 8), x3 = bcast4(xs + 16 * j + 12);
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 64 * j + 32 * h));
+                const __m256i a = _mm256_add_epi16(mul(field<0, 3>(v), x0), mul(field<2, 3>(v), x1));
+                const __m256i b = _mm256_add_epi16(mul(field<4, 3>(v), x2), mul(field<6, 3>(v), x3));
+                sum16[h] = _mm256_add_epi16(sum16[h], _mm256_add_epi16(a, b));
+            }
+        }
+    }
+    if (BITS == 3) {
+        /* Input 16 j + 4 m + p: low bits at 2m in block j, bit 2 at bit 4 j + m of block 2. */
+        for (int h = 0; h < 2; h++) {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wp + 64 + 32 * h));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(wp + 128 + 32 * h));
+            const __m256i a = _mm256_add_epi16(
+                mul(_mm256_or_si256(field<0, 3>(v0), bit_as_4<0>(hi)), bcast4(xs)),
+                mul(_mm256_or_si256(field<2, 3>(v0), bit_as_4<1>(hi)), bcast4(xs + 4)));
+            const __m256i b = _mm256_add_epi16(
+                mul(_mm256_or_si256(field<4, 3>(v0), bit_as_4<2>(hi)), bcast4(xs + 8)),
+                mul(_mm256_or_si256(field<6, 3>(v0), bit_as_4<3>(hi)), bcast4(xs + 12)));
+            const __m256i c = _mm256_add_epi16(
+                mul(_mm256_or_si256(field<0, 3>(v1), bit_as_4<4>(hi)), bcast4(xs + 16)),
+                mul(_mm256_or_si256(field<2, 3>(v1), bit_as_4<5>(hi)), bcast4(xs + 20)));
+            const __m256i d = _mm256_add_epi16(
+                mul(_mm256_or_si256(field<4, 3>(v1), bit_as_4<6>(hi)), bcast4(xs + 24)),
+                mul(_mm256_or_si256(field<6, 3>(v1), bit_as_4<7>(hi)), bcast4(xs + 28)));
+            sum16[h] = _mm256_add_epi16(sum16[h], _mm256_add_epi16(_mm256_add_epi16(a, b), _mm256_add_epi16(c, d)));
+        }
+    }
+    if (BITS == 1) {
+        __m256i x[8];
+        for (int m = 0; m < 8; m++) x[m] = bcast4(xs + 4 * m);
+        for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
+            const __m256i a = _mm256_add_epi16(mul(field<0, 1>(v), x[0]), mul(field<1, 1>(v), x[1]));
+            const __m256i b = _mm256_add_epi16(mul(field<2, 1>(v), x[2]), mul(field<3, 1>(v), x[3]));
+            const __m256i c = _mm256_add_epi16(mul(field<4, 1>(v), x[4]), mul(field<5, 1>(v), x[5]));
+            const __m256i d = _mm256_add_epi16(mul(field<6, 1>(v), x[6]), mul(field<7, 1>(v), x[7]));
+            sum16[h] = _mm256_add_epi16(sum16[h], _mm256_add_epi16(_mm256_add_epi16(a, b), _mm256_add_epi16(c, d)));
+        }
+    }
+}
+
+template <int BITS>
+void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out) {
+    const int8_t *xq = (const int8_t *)(act + g->act.tables);
+    const int64_t steps_per_qb = g->steps_per_qblock, qblocks_per_group = g->qblocks_per_group;
+    const uint8_t *wp = g->w->codes + (tile * g->n_steps + qb0 * steps_per_qb) * 64 * BITS;
+    const uint16_t *tile_scales = g->w->scales + tile * g->n_groups * 2 * LUTLM_TILE_ROWS;
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* Widen once per q-block (at most 4 K-steps) at 1 and 2 bits, else once per K-step. */
+    constexpr bool kWidenPerStep = BITS > 2;
+    __m256 out_h[2] = {_mm256_loadu_ps(out), _mm256_loadu_ps(out + 8)};
+    int64_t group = qb0 / qblocks_per_group, in_group = qb0 % qblocks_per_group;
+
+    for (int64_t qb = qb0; qb < qb1; qb++) {
+        __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256i sum16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        /* The same software prefetch of the weight stream as the AVX-512 kernels. */
+        for (int64_t off = 0; off < steps_per_qb * 64 * BITS; off += 64)
+            _mm_prefetch((const char *)wp + 2048 + off, _MM_HINT_T0);
+        for (int64_t st = qb * steps_per_qb; st < (qb + 1) * steps_per_qb; st++, wp += 64 * BITS) {
+            step<BITS>(wp, xq + st * LUTLM_STEP, sum16);
+            if (kWidenPerStep)
+                for (int h = 0; h < 2; h++) {
+                    acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(sum16[h], ones));
+                    sum16[h] = _mm256_setzero_si256();
+                }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256i sum = kWidenPerStep ? acc[h] : _mm256_madd_epi16(sum16[h], ones);
+            out_h[h] = epilogue(g, tile_scales, act, qb, group, h, sum, 0.0f, out_h[h]);
+        }
+        if (++in_group == qblocks_per_group) in_group = 0, group++;
+    }
+    _mm256_storeu_ps(out, out_h[0]);
+    _mm256_storeu_ps(out + 8, out_h[1]);
+}
+
+const DequantKernels kAvx2 = {quantize_activations, {nullptr, tile<1>, tile<2>, tile<3>, tile<4>}};
+
+}  // namespace
+
+const DequantKernels *lutlm_dequant_avx2_kernels(void) { return &kAvx2; }
