@@ -72,8 +72,8 @@ def scored_row(engine, variant, method, bits, group, bpw, result: PerplexityResu
 
 def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool) -> list[QuantConfig]:
     configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True)
-               for b in bits for g in groups for m in methods]
-    return configs + ([QuantConfig(method="ternary")] if ternary else [])
+               for g in groups for b in bits for m in methods]
+    return ([QuantConfig(method="ternary")] if ternary else []) + configs
 
 
 def run(args) -> dict:
@@ -101,23 +101,36 @@ def run(args) -> dict:
         result = model_perplexity(model, tokenizer, text, args.ctx, args.max_chunks, exclude, progress=True)
         return result, time.perf_counter() - start
 
-    rows = []
+    report = {
+        "model": source,
+        "text": args.text,
+        "ctx": args.ctx,
+        "excluded_tokens": list(exclude),
+        "calibration": calibration.describe(),
+        "threads": args.threads,
+        "head": f"{head_type} in the source, kept as is by both engines",
+        "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
+        "rows": [],
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def add(row: Row) -> None:
+        """Record a row and rewrite the results, so that an interrupted run keeps what it measured."""
+        report["rows"].append(asdict(row))
+        rows = [Row(**r) for r in report["rows"]]
+        report["targets"] = check_targets(rows)
+        (out / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{args.stem}.md").write_text(markdown(report))
+        plot(report, out / f"{args.stem}.png")
+        tqdm.write(f"{row.engine} {row.variant}: {row.bits_per_weight:.3f} bpw, ppl {row.ppl:.3f} "
+                   f"(quantized in {row.quantize_seconds:.0f} s, scored in {row.eval_seconds:.0f} s)")
+
     source_result, seconds = evaluate(build_model(checkpoint))
-    result = source_result
-    rows.append(scored_row("lutlm", "source (dequantized)", "source", None, "", source_bpw, result, 0.0, seconds))
-    print(f"source: ppl {result.perplexity:.3f} over {result.tokens_scored} tokens ({result.chunks} chunks)")
+    report.update(chunks=source_result.chunks, tokens_scored=source_result.tokens_scored)
+    add(scored_row("lutlm", "source (dequantized)", "source", None, "", source_bpw, source_result, 0.0, seconds))
 
-    for config in tqdm(configs, desc="lutlm rows", unit="row"):
-        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in ("awq", "gptq")
-                                              else None, progress=False)
-        result, seconds = evaluate(build_model(quantized, backend="reference"))
-        group = ("per-tensor" if config.ternary_group is None else f"g{config.ternary_group}") if config.ternary \
-            else f"g{config.group_size}"
-        rows.append(scored_row("lutlm", config.describe(), config.method, None if config.ternary else config.bits,
-                               group, info.bits_per_weight, result, info.seconds, seconds))
-        tqdm.write(f"{config.describe()}: {info.bits_per_weight:.3f} bpw, ppl {result.perplexity:.3f} "
-                   f"(quantized in {info.seconds:.0f} s)")
-
+    # llama.cpp's rows first: they are quick, and the targets are set against them.
     if use_peer:
         work = Path(args.work_dir)
         work.mkdir(parents=True, exist_ok=True)
@@ -134,29 +147,18 @@ def run(args) -> dict:
             result = score_chunks(llama.logits, tokens, args.ctx, args.max_chunks, exclude, bos)
             del llama
             label = f"{Path(source).stem.rsplit('.', 1)[-1]} (source)" if kind == "source" else kind
-            rows.append(scored_row("llama.cpp", label, "llama.cpp", None, "", bpw, result, q_seconds,
-                                   time.perf_counter() - start))
-            tqdm.write(f"llama.cpp {label}: {bpw:.3f} bpw, ppl {result.perplexity:.3f}")
+            add(scored_row("llama.cpp", label, "llama.cpp", None, "", bpw, result, q_seconds,
+                           time.perf_counter() - start))
 
-    report = {
-        "model": source,
-        "text": args.text,
-        "ctx": args.ctx,
-        "chunks": source_result.chunks,
-        "tokens_scored": source_result.tokens_scored,
-        "excluded_tokens": list(exclude),
-        "calibration": calibration.describe(),
-        "threads": args.threads,
-        "head": f"{head_type} in the source, kept as is by both engines",
-        "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
-        "rows": [asdict(r) for r in rows],
-    }
-    report["targets"] = check_targets(rows)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{args.stem}.md").write_text(markdown(report))
-    plot(report, out / f"{args.stem}.png")
+    for config in tqdm(configs, desc="lutlm rows", unit="row"):
+        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in ("awq", "gptq")
+                                              else None, progress=False)
+        result, seconds = evaluate(build_model(quantized, backend="reference"))
+        group = ("per-tensor" if config.ternary_group is None else f"g{config.ternary_group}") if config.ternary \
+            else f"g{config.group_size}"
+        add(scored_row("lutlm", config.describe(), config.method, None if config.ternary else config.bits,
+                       group, info.bits_per_weight, result, info.seconds, seconds))
+
     print(markdown(report))
     print(f"wrote {out / args.stem}.{{md,json,png}}")
     return report

@@ -15,7 +15,8 @@ Table modes of `matmul`:
     "fast"   int8 tables, pairs of lookups merged by averaging adds (fast aggregation),
              where a vpavgb replaces one of two widening adds. Error about 1.55x that of
              "int8" (1.9x for the ternary table). On AVX-512 VNNI it gains nothing
-             (vpdpbusd widens as cheaply as vpavgb averages); with AVX2, 4-14% at 4096x11008.
+             (vpdpbusd widens as cheaply as vpavgb averages); with AVX2, about 3% at 4096x11008
+             (its int16 sums are widened once per q-block either way).
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ input (an RMSNorm's weight, or the rows of the projection before), so it costs n
 
 Then each group's clip range is searched (AWQ's auto-clip) against the same output error.
 Both searches measure the error of a weight change d (rows [N, K]) through the calibration
-inputs' second moment H = E[x x^T]: E||x d^T||^2 = sum_n d_n H d_n^T. That is exact over
-all calibration tokens and costs N K^2, independent of how many tokens were seen. The clip
-search, like AWQ's, treats groups independently and uses the diagonal blocks of H.
+inputs' second moment H = E[x x^T]: E||x d^T||^2 = sum_n d_n H d_n^T, over all calibration
+tokens at a cost independent of how many were seen. The scale search, which evaluates 20
+candidates per input, uses H's leading SCALE_SEARCH_RANK eigen-directions, H ~ F F^T with F
+[K, r]: ||d F||^2 costs N K r instead of N K^2 and keeps nearly all of H's energy, since a
+transformer's activations concentrate in few directions. The clip search, like AWQ's,
+treats groups independently and uses the exact diagonal blocks of H.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Callable
 import torch
 
 from lutlm.formats.packed import PackedWeight
-from lutlm.quantize.grid import dequantize, fit_clipped, fit_minmax, grouped, quantize, to_packed
+from lutlm.quantize.grid import fit_clipped, fit_minmax, grouped, quantize, rounding_error, to_packed
 
 ALPHAS = tuple(i / 20 for i in range(20))
+SCALE_SEARCH_RANK = 128
 
 
 def output_error(diff: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -32,11 +36,17 @@ def output_error(diff: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return ((diff @ hessian) * diff).sum()
 
 
-def fake_quantize_minmax(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """w rounded on each group's min/max grid, as dense floats (the scale search's quantizer)."""
+def hessian_factor(hessian: torch.Tensor, rank: int = SCALE_SEARCH_RANK) -> torch.Tensor:
+    """F [K, r] with F F^T the best rank-r approximation of the (symmetric, PSD) H."""
+    values, vectors = torch.linalg.eigh(hessian.double())
+    top = values[-rank:].clamp(min=0)
+    return (vectors[:, -rank:] * top.sqrt()).float()
+
+
+def minmax_rounding_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """(w rounded on each group's min/max grid) - w, dense [N, K] (the scale search's quantizer)."""
     groups = grouped(w, group_size)
-    grid = fit_minmax(groups, bits, symmetric)
-    return dequantize(quantize(groups, grid, bits), grid).reshape(w.shape)
+    return rounding_error(groups, fit_minmax(groups, bits, symmetric), bits).reshape(w.shape)
 
 
 def search_scales(
@@ -49,14 +59,17 @@ def search_scales(
 ) -> torch.Tensor:
     """Per-input-channel scales [K] for linears `weights` (each [N_i, K], grouped by
     `group_sizes[i]`) that share one input with H = E[x x^T] and mean |x| = `mean_abs`."""
+    factor = hessian_factor(hessian)
     best_scales, best_err = torch.ones_like(mean_abs), float("inf")
     for alpha in ALPHAS:
         s = mean_abs.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
+        # The scaled weight's rounding error, seen through inputs x / s: (err / s) F.
+        scaled_factor = factor / s.view(-1, 1)
         err = 0.0
         for w, group_size in zip(weights, group_sizes):
-            q = fake_quantize_minmax(w * s, bits, group_size, symmetric) / s
-            err += float(output_error(q - w, hessian))
+            diff = minmax_rounding_error(w * s, bits, group_size, symmetric)
+            err += float((diff @ scaled_factor).square().sum())
         if err < best_err:
             best_scales, best_err = s, err
     return best_scales
