@@ -23,12 +23,18 @@ def set_threads(n: int | None) -> None:
         cpu.set_num_threads(n)
 
 
+def cpu_kernels_built() -> bool:
+    from lutlm.kernels import cpu
+
+    return cpu.available()
+
+
 def _load(args):
     from lutlm.loader import load_model
 
     set_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
     print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer, checkpoint
 
@@ -194,6 +200,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
                    help="kernel for packed weights (default: the fastest available)")
+    p.add_argument("--pack-gguf", action=argparse.BooleanOptionalAction, default=False,
+                   help="run a GGUF's Q4_0/Q4_1 linears as packed weights made from their own blocks "
+                        "(no requantization), on the table-lookup kernels")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
@@ -231,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-n", "--n-predict", type=int, default=64)
     p.add_argument("--ctx", type=int, default=512)
-    p.set_defaults(func=cmd_demo)
+    # The demo shows the table-lookup path: the bundled Q4_1 weights run on the kernels as they are.
+    p.set_defaults(func=cmd_demo, pack_gguf=cpu_kernels_built())
 
     from lutlm.perplexity import DEFAULT_TEXT
 

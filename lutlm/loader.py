@@ -39,7 +39,13 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transform
     return model.eval()
 
 
-def load_model(path: str | None = None, backend: str | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
+def load_model(path: str | None = None, backend: str | None = None,
+               pack_gguf: bool = False) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    """`pack_gguf`: a GGUF's Q4_0/Q4_1 linears go to the packed kernels from their own blocks."""
     checkpoint = load_checkpoint(path or default_model_path())
+    if pack_gguf:
+        from lutlm.formats.gguf_packed import pack_gguf_linears
+
+        checkpoint = pack_gguf_linears(checkpoint)
     model = build_model(checkpoint, backend)
     return model, Tokenizer(checkpoint.tokenizer), checkpoint

@@ -561,7 +561,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lutlm.loader import load_model
 
     set_threads(args.threads)
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
     app = create_app(model, tokenizer, checkpoint, context_length=args.ctx, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id)
     service = app.state.service

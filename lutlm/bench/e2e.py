@@ -164,6 +164,22 @@ def lutlm_variants(checkpoint_fn, slug: str, group_size: int, kinds: list[str], 
     return variants
 
 
+def gguf_blocks_variant(checkpoint: Checkpoint, head_group: int, context: int, backend: str | None) -> Variant:
+    """lutlm on the GGUF's own Q4_0/Q4_1 weights (packed from their blocks, no requantization),
+    the head as in the other lutlm variants: the closest match to llama.cpp on the same file."""
+    from lutlm.formats.gguf_packed import pack_gguf_linears
+    from lutlm.loader import build_model
+    from lutlm.quantize.model_quantizer import float_weight
+    from lutlm.quantize.rtn import quantize_rtn
+
+    packed = pack_gguf_linears(checkpoint)
+    packed.packed["lm_head"] = quantize_rtn(float_weight(checkpoint, "lm_head"), HEAD_BITS, head_group)
+    packed.tensors.pop("lm_head.weight", None)
+    kind = "+".join(sorted({checkpoint.tensor_types[f"{name}.weight"] for name in packed.packed if name != "lm_head"}))
+    return Variant("lutlm", f"{kind} (GGUF blocks)", layer_bits(packed.packed), f"{HEAD_BITS}-bit g{head_group}",
+                   LutlmRunner(build_model(packed, backend), context))
+
+
 def peer_variants(source: str, source_kind: str, kinds: list[str], slug: str, work: Path,
                   context: int) -> list[Variant]:
     """llama.cpp's variants: the `source` GGUF (of type `source_kind`) and its quantizations."""
@@ -264,6 +280,7 @@ TARGETS = [
       for t in (1, 2)],
     (("smollm2",), "4-bit", ("Q4_1",), "decode", 2, 1.0),
     (("smollm2",), "2-bit", ("Q4_1",), "decode", 2, 1.0),
+    (("smollm2",), "Q4_1 (GGUF blocks)", ("Q4_1",), "decode", 2, 1.0),
 ]
 
 
@@ -378,6 +395,7 @@ def model_variants(model: str, args, work: Path, use_peer: bool) -> tuple[list[V
         source = bundled_model_path()
         base = load_checkpoint(source)
         variants = lutlm_variants(lambda: base, "smollm2", 64, ["4-bit", "2-bit"], work, context, args.backend)
+        variants.append(gguf_blocks_variant(base, 64, context, args.backend))
         if use_peer:
             variants += peer_variants(source, "Q4_1", ["Q4_1", "Q4_0", "Q2_K"], "smollm2", work, context)
         info = {"name": "SmolLM2-135M-Instruct (bundled, Q4_1 source)", "config": base.config.to_dict()}

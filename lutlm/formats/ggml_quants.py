@@ -79,22 +79,22 @@ def _crumbs(qs: np.ndarray) -> np.ndarray:
 #     w = d * q
 
 
-def _q4_codes(qs: np.ndarray) -> np.ndarray:
+def q4_codes(qs: np.ndarray) -> np.ndarray:
     return _nibbles(qs).reshape(len(qs), 32)
 
 
 def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     high = _bits(qh, 8).transpose(0, 2, 1).reshape(len(qh), 32)  # bit j of the uint32 = bit j%8 of byte j//8
-    return _q4_codes(qs) | (high << 4)
+    return q4_codes(qs) | (high << 4)
 
 
 def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
-    q = _q4_codes(blocks[:, 2:18]).astype(np.int8) - np.int8(8)
+    q = q4_codes(blocks[:, 2:18]).astype(np.int8) - np.int8(8)
     return _f16(blocks, 0) * q.astype(np.float32)
 
 
 def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks, 0) * _q4_codes(blocks[:, 4:20]).astype(np.float32) + _f16(blocks, 2)
+    return _f16(blocks, 0) * q4_codes(blocks[:, 4:20]).astype(np.float32) + _f16(blocks, 2)
 
 
 def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
