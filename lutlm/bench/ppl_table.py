@@ -176,12 +176,14 @@ def check_targets(rows: list[Row]) -> list[dict]:
                             "row": best.variant, "delta": best.delta(source.ppl),
                             "met": best.delta(source.ppl) <= allowed})
     for peer_row in (r for r in rows if r.engine == "llama.cpp" and "source" not in r.variant):
-        worse = [r for r in rows if r.engine == "lutlm" and r.method != "source"
-                 and r.bits_per_weight >= peer_row.bits_per_weight and r.ppl > peer_row.ppl]
+        larger = [r for r in rows if r.engine == "lutlm" and r.method != "source"
+                  and r.bits_per_weight >= peer_row.bits_per_weight]
+        worse = [r for r in larger if r.ppl > peer_row.ppl]
+        summary = ", ".join(f"{r.variant} ({r.ppl:.2f})" for r in worse) or \
+            (f"none of {len(larger)} worse" if larger else "no lutlm row that large")
         targets.append({"target": f"no lutlm row at >= {peer_row.bits_per_weight:.2f} bpw worse than "
                                   f"llama.cpp {peer_row.variant} (ppl {peer_row.ppl:.2f})",
-                        "row": ", ".join(f"{r.variant} ({r.ppl:.2f})" for r in worse) or "none worse",
-                        "delta": None, "met": not worse})
+                        "row": summary, "delta": None, "met": not worse if larger else None})
     return targets
 
 
@@ -207,7 +209,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Targets", "", "| target | row | vs source | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         delta = "" if t["delta"] is None else f"{100 * t['delta']:+.1f}%"
-        lines.append(f"| {t['target']} | {t['row']} | {delta} | {'yes' if t['met'] else '**no**'} |")
+        met = "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {t['row']} | {delta} | {met} |")
     return "\n".join(lines) + "\n"
 
 
