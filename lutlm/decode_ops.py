@@ -8,19 +8,18 @@ and are the tested surface; lutlm.model's PyTorch operations are their reference
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
+
+from lutlm.native import load_library
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 def _load() -> ctypes.CDLL | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = [f for f in os.listdir(here) if f.startswith("_lutlm_decode_ops") and f.endswith((".so", ".pyd", ".dylib"))]
-    if not names:
+    lib = load_library("lutlm._lutlm_decode_ops")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(os.path.join(here, names[0]))
     lib.lutlm_rmsnorm.argtypes = [_P, _P, _I64, _F32, _P]
     lib.lutlm_add_rmsnorm.argtypes = [_P, _P, _P, _I64, _F32, _P]
     lib.lutlm_silu_mul.argtypes = [_P, _P, _I64, _P]

@@ -22,12 +22,12 @@ Table modes of `matmul`:
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import torch
 
 from lutlm.formats.packed import PackedWeight
+from lutlm.native import load_library
 from lutlm.kernels.cpu_layout import kernel_shape, lut_codes, tile_scales
 
 MODES = {"int8": 0, "float": 1, "fast": 2}
@@ -52,11 +52,9 @@ class _Weight(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = [f for f in os.listdir(here) if f.startswith("_lutlm_cpu") and f.endswith((".so", ".pyd", ".dylib"))]
-    if not names:
+    lib = load_library("lutlm.kernels._lutlm_cpu")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(os.path.join(here, names[0]))
     weight_p, f32_p = ctypes.POINTER(_Weight), ctypes.c_void_p
     lib.lutlm_lut_matmul.argtypes = [weight_p, f32_p, ctypes.c_int64, f32_p, ctypes.c_int]
     lib.lutlm_dequant_matmul.argtypes = [weight_p, f32_p, ctypes.c_int64, f32_p]

@@ -1,0 +1,13 @@
+"""Loading lutlm's own compiled libraries (built by setup.py, used through ctypes)."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+
+def load_library(module: str) -> ctypes.CDLL | None:
+    """The shared library built as extension `module` (e.g. "lutlm._lutlm_decode_ops"), or
+    None where the build left it out (setup.py builds the CPU kernels on x86 only)."""
+    spec = importlib.util.find_spec(module)
+    return ctypes.CDLL(spec.origin) if spec is not None and spec.origin else None
