@@ -37,13 +37,14 @@ from lutlm.linear import PackedLinear  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = gpu.device()
 
-GEMV = Plan("dequant", DequantConfig(block_n=16, block_m=1, block_b=2))
-GEMV_SPLIT = Plan("dequant", DequantConfig(block_n=8, block_m=1, block_b=1, split_k=2))
-GEMM = Plan("dequant", DequantConfig(block_n=32, block_m=16))
-GEMM_SPLIT = Plan("dequant", DequantConfig(block_n=16, block_m=32, split_k=3))
+GEMV = Plan("dequant", DequantConfig(block_n=16, block_m=1, block_k=256))
+GEMV_SPLIT = Plan("dequant", DequantConfig(block_n=8, block_m=1, block_k=64, split_k=2))
+GEMM = Plan("dequant", DequantConfig(block_n=32, block_m=16, block_k=32))
+GEMM_SPLIT = Plan("dequant", DequantConfig(block_n=16, block_m=32, block_k=128, split_k=3))
+DENSE = Plan("dequant", DequantConfig(block_n=16, block_m=0, block_k=64, dense=True))
 LUT = Plan("lut", LutConfig(block_n=16, block_k=128))
 LUT_SPLIT = Plan("lut", LutConfig(block_n=32, block_k=256, split_k=2))
-PLANS = {"gemv": GEMV, "gemv_split": GEMV_SPLIT, "gemm": GEMM, "gemm_split": GEMM_SPLIT, "lut": LUT, "lut_split": LUT_SPLIT}
+PLANS = {"gemv": GEMV, "gemv_split": GEMV_SPLIT, "gemm": GEMM, "gemm_split": GEMM_SPLIT, "dense": DENSE, "lut": LUT, "lut_split": LUT_SPLIT}
 
 
 def random_packed(n: int, k: int, bits: int, group: int, ternary: bool = False, seed: int = 0) -> PackedWeight:
@@ -57,8 +58,10 @@ def random_packed(n: int, k: int, bits: int, group: int, ternary: bool = False, 
     return PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group, ternary)
 
 
-def check_close(y: torch.Tensor, x: torch.Tensor, w: PackedWeight) -> None:
-    """The bound derived in the module docstring."""
+def check_close(y: torch.Tensor, x: torch.Tensor, w: PackedWeight, activation_group: int | None = None) -> None:
+    """The bound derived in gpu_dequant's docstring: fp16 rounding of the dequantized weights and of
+    the output, plus, for the dp4a GEMV (`activation_group`), the int8 rounding of each activation,
+    at most amax(its group) / 254."""
     n, k = w.out_features, w.in_features
     dev = y.device  # fp64 on the GPU where there is one: Llama-sized references are slow on the CPU
     q = w.codes().to(dev).double().view(n, k // w.group_size, w.group_size)
@@ -69,6 +72,10 @@ def check_close(y: torch.Tensor, x: torch.Tensor, w: PackedWeight) -> None:
     xd = x.to(dev).double()
     ref = xd @ dense.t()
     bound = 2**-9 * (xd.abs() @ magnitude.t()) + 2**-10 * ref.abs() + 1e-6
+    if activation_group:
+        padded = torch.nn.functional.pad(xd.abs(), (0, -k % activation_group))
+        amax = padded.view(xd.shape[0], -1, activation_group).amax(-1).repeat_interleave(activation_group, 1)[:, :k]
+        bound += (amax / 254) @ dense.abs().t()
     err = (y.double() - ref).abs()
     assert torch.isfinite(y).all()
     worst = (err / bound).max().item()
@@ -76,9 +83,11 @@ def check_close(y: torch.Tensor, x: torch.Tensor, w: PackedWeight) -> None:
 
 
 def run(w: PackedWeight, plan: Plan, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's output, its input, and the bound's activation group (dp4a GEMV only)."""
     handle = gpu.prepare(w, with_lut=True)
     x = torch.randn(batch, w.in_features, generator=torch.Generator().manual_seed(seed)).half().to(DEVICE)
-    return gpu.run_plan(x, handle, plan), x
+    gemv = plan.kernel == "dequant" and plan.config.block_m == 1
+    return gpu.run_plan(x, handle, plan), x, handle.dequant.group if gemv else None
 
 
 # Odd sizes on purpose: N not a multiple of any tile, K not a multiple of a whole K step.
@@ -92,8 +101,8 @@ def test_kernels_match_reference(kernel, bits, ternary):
     group = 64 if k % 64 == 0 else 32
     w = random_packed(n, k, bits, group, ternary, seed=bits)
     plan = PLANS[kernel]
-    y, x = run(w, plan, batch=3)
-    check_close(y, x, w)
+    y, x, activation_group = run(w, plan, batch=3)
+    check_close(y, x, w, activation_group)
 
 
 @pytest.mark.parametrize("group", [64, 128, 96, 576])
@@ -104,8 +113,8 @@ def test_group_sizes(group):
     handle = gpu.prepare(w)
     assert handle.dequant.group == gpu_dequant.kernel_group(group)
     for plan in (GEMV, GEMM):
-        y, x = run(w, plan, batch=2)
-        check_close(y, x, w)
+        y, x, activation_group = run(w, plan, batch=2)
+        check_close(y, x, w, activation_group)
 
 
 @pytest.mark.skipif(not CUDA, reason="Llama-sized shapes need a GPU")
@@ -115,8 +124,8 @@ def test_llama_shapes_on_gpu(shape, bits):
     w = random_packed(*shape, bits, 128, seed=bits)
     for batch in (1, 16, 256):
         for plan in gpu_tuning.candidates(batch)[:2] + [gpu_tuning.default_plan(batch)]:
-            y, x = run(w, plan, batch)
-            check_close(y, x, w)
+            y, x, activation_group = run(w, plan, batch)
+            check_close(y, x, w, activation_group)
 
 
 def test_backend_matmul_keeps_shape_and_dtype():
@@ -141,7 +150,7 @@ def test_dispatcher_reads_the_table():
     assert gpu_tuning.choose(table, "4bit-g128", 4096, 4096, 2) == GEMM  # next tuned batch up
     assert gpu_tuning.choose(table, "4bit-g128", 4096, 4096, 999) == GEMM  # beyond: the largest
     assert gpu_tuning.choose(table, "4bit-g64", 4096, 4096, 1) == Plan.from_dict(entry["best"])  # same bits
-    assert gpu_tuning.choose(table, "2bit-g128", 4096, 4096, 1) == gpu_tuning.default_plan(1)
+    assert gpu_tuning.choose(table, "2bit-g128", 4096, 4096, 1) == Plan.from_dict(entry["best"])  # other bits
     assert gpu_tuning.choose([], "2bit-g128", 4096, 4096, 300) == gpu_tuning.default_plan(300)
 
 

@@ -1,37 +1,47 @@
-"""Dequantize-in-registers mpGEMM on the GPU (Triton).
+"""Dequantizing mpGEMM on the GPU (Triton): the packed bytes are read once and the codes are
+unpacked in registers, never written back as floats, except on the dense path below.
 
-Each program reads the packed codes of a tile of weight rows, turns them into floats in
-registers and multiplies at once, so that only the packed bytes cross the memory bus. For a
-batch of 16 or more the products run on the tensor cores (``tl.dot``); for single tokens a
-CUDA-core path (multiply-add, one reduction at the end) is also offered, and the dispatcher in
-``lutlm.kernels.gpu`` picks whichever its tuning table measured faster.
+Three ways to multiply, over one layout; the dispatcher (lutlm.kernels.gpu) picks per shape and
+batch from its tuning table:
+
+* the dp4a GEMV (a few tokens, one a program): ``_quantize_activations_kernel``
+  rounds the activations to int8 per kernel group (absmax / 127, as llama.cpp's CUDA GEMV
+  does), then ``_dp4a_gemv_kernel`` multiplies them with the weight codes four at a time by
+  the byte dot product ``dp4a`` (one instruction for four multiply-adds; unpacking is one shift
+  and one AND per four codes).
+  Under Triton's interpreter (no GPU) ``dp4a`` is emulated byte by byte.
+* the tensor-core GEMM (``_dequant_gemm_kernel``, 16 tokens and more): each word is read once,
+  its codes spread into an fp16 tile that is scaled in registers and fed to ``tl.dot``.
+* the dense path (``DequantConfig.dense``): ``_dequantize_kernel`` writes the whole weight in
+  fp16 to a shared workspace and cuBLAS (``torch.matmul``) multiplies; for wide batches, where
+  cuBLAS's tiling is worth a write and a read of the fp16 weight.
 
 GPU layout, built once from the canonical bit-planes (lutlm/formats/packed.py) by ``pack``:
 
     A b-bit code q is stored as word streams of widths STREAMS[b], low bits first
-    (b = 3: q = q0 + 4 * q1, a 2-bit and a 1-bit stream, so 3 bits cost 3 bits). Every stream
-    has P = 32 // STREAMS[b][0] codes a word, so stream j's words are P * w_j bits wide:
-    int32 for the first stream, int16 for the 1-bit stream of b = 3.
-    words_j : [N, Kp // P]       Kp = K rounded up to a multiple of 16 * P (zero codes past K)
-        Within each block of 16 words (16 * P weights of a row), word c holds the codes of
-        weights  k = block * 16 * P + i * 16 + c,  i = 0 .. P - 1,  at bits [i * w_j, (i+1) * w_j).
-        So the i-th code of 16 adjacent words covers 16 adjacent activations: unpacking
-        needs one constant shift per i and no reshuffle, and x is read in runs of 16.
-    scales  : float16 [Kp // g, N]    transposed, so that a block of rows reads them in one run
-    zeros   : float16 [Kp // g, N]    in code units, as in the canonical format; zero past K
+    (b = 3: q = q0 + 4 * q1, a 2-bit and a 1-bit stream, so 3 bits cost 3 bits).
+    words_j : int32 [N, Kp // P_j]      P_j = 32 // width_j codes a word; Kp = K rounded up to
+                                        a multiple of 128 (zero codes past K)
+        Word t of a row holds the codes of weights k = t * P + 4 * i + j  (i < P / 4, j < 4)
+        at bits  8 * j + width * i.  So  (word >> width * i) & 0x..03030303  puts the codes of
+        four consecutive weights in the four bytes of a register, ready for dp4a, and every
+        byte stays inside one group.
+    scales  : float16 [Kp // g, N]      transposed, so that a block of rows reads them in one run
+    zeros   : float16 [Kp // g, N]      in code units, as in the canonical format; zero past K
     w[n, k] = scales[k // g, n] * (q[n, k] - zeros[k // g, n])
 
 g, the kernel's group, is the largest power of two <= 128 dividing the format's group size G
 (Triton tiles are powers of two); where g < G each scale and zero is repeated G // g times.
-A word's P codes may span several groups (16 * P > g), so scales are read per code row i.
 
-Codes become floats without an integer-to-float instruction (a quarter of the integer rate on
-Hopper): OR-ing q into the mantissa of 1024.0 (fp16 0x6400) gives 1024 + q exactly, and
-OR-ing q << (23 - b) into 1.0 (fp32 0x3F800000) gives 1 + q / 2^b exactly.
+Accuracy: the GEMM is exact up to fp16 rounding of (q - z) * s (relative 2^-11) and fp32
+accumulation. The GEMV adds the int8 rounding of the activations: each x[k] is off by at most
+amax / 254 of its group, so |error| <= sum_k |w[n, k]| * amax(group of k) / 254 (+ fp32 rounding);
+tests/test_kernels_gpu.py asserts exactly this bound.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +49,13 @@ import triton
 import triton.language as tl
 
 STREAMS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}
-BLOCK_WORDS = 16  # words per interleaving block
+K_MULTIPLE = 128  # Kp: whole words of every stream and whole GEMM steps
 MAX_KERNEL_GROUP = 128
 
 
 @dataclass
 class DequantLayout:
-    words: tuple[torch.Tensor, ...]  # one [N, Kp // P] per stream
+    words: tuple[torch.Tensor, ...]  # one int32 [N, Kp // P_j] per stream
     bits: int
     scales: torch.Tensor  # float16 [Kp // group, N]
     zeros: torch.Tensor  # float16 [Kp // group, N]
@@ -56,6 +66,10 @@ class DequantLayout:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.words, self.scales, self.zeros))
+
+    @property
+    def padded_in_features(self) -> int:
+        return self.scales.shape[0] * self.group
 
 
 def kernel_group(group_size: int) -> int:
@@ -71,22 +85,17 @@ def kernel_group(group_size: int) -> int:
 def pack(codes: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> DequantLayout:
     """Codes uint8 [N, K] and the format's scales/zeros [N, K // G] -> the GPU layout above."""
     n, k = codes.shape
-    widths = STREAMS[bits]
-    per_word = 32 // widths[0]
-    block = BLOCK_WORDS * per_word
-    padded = -(-k // block) * block
+    padded = -(-k // K_MULTIPLE) * K_MULTIPLE
     g = kernel_group(group_size)
-    codes = torch.nn.functional.pad(codes.to(torch.int32), (0, padded - k))
-    # [N, blocks, i, c] -> [N, blocks, c, i]: code i of word c is weight block * 16P + i * 16 + c.
-    codes = codes.view(n, padded // block, per_word, BLOCK_WORDS).transpose(2, 3)
-    positions = torch.arange(per_word, device=codes.device, dtype=torch.int32)
+    codes = torch.nn.functional.pad(codes.to(torch.int64), (0, padded - k))
     words, shift = [], 0
-    for width in widths:
-        part = ((codes >> shift) & ((1 << width) - 1)).to(torch.int64)
-        packed = (part << (positions * width)).sum(-1).reshape(n, padded // per_word)  # disjoint fields: sum is OR
-        nbits = per_word * width
-        signed = torch.where(packed >= 2 ** (nbits - 1), packed - 2**nbits, packed)
-        words.append(signed.to(torch.int32 if nbits == 32 else torch.int16).contiguous())
+    for width in STREAMS[bits]:
+        per_word = 32 // width
+        part = ((codes >> shift) & ((1 << width) - 1)).view(n, padded // per_word, per_word // 4, 4)
+        i = torch.arange(per_word // 4, device=codes.device).view(1, 1, -1, 1)
+        j = torch.arange(4, device=codes.device).view(1, 1, 1, -1)
+        packed = (part << (8 * j + width * i)).sum((2, 3))  # disjoint fields: the sum is an OR
+        words.append(torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous())
         shift += width
     pad_groups = (padded - k) // g
 
@@ -99,96 +108,95 @@ def pack(codes: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.Tens
 
 
 @triton.jit
-def _load_words(ptr, offsets, step, rows_mask, block, end, BLOCK_B: tl.constexpr):
-    """One K step's words [rows, blocks, 16] as int32; blocks at or past `end` read as zero."""
-    mask = rows_mask[:, None, None] & (step * BLOCK_B + block < end)[None, :, None]
-    return tl.load(ptr + offsets + step * BLOCK_B * 16, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _shifted_code(words, i: tl.constexpr, WIDTH: tl.constexpr, SLOT: tl.constexpr):
-    """Code row i of a word stream moved to bits [SLOT, SLOT + WIDTH), other bits cleared.
-
-    Codes in the upper half-word come from one shared ``words >> 16``, so that every code
-    needs only a left shift (which the compiler may run on the multiply-add pipe) and an AND.
-    """
-    POSITION: tl.constexpr = i * WIDTH
-    if POSITION >= 16:
-        view = (words >> 16) << (SLOT - POSITION + 16)
+def _dp4a(a, b, c, EMULATE: tl.constexpr):
+    """c + the dot product of a's four bytes (unsigned) with b's four bytes (signed)."""
+    if EMULATE:
+        for j in tl.static_range(4):
+            c += ((a >> (8 * j)) & 0xFF) * ((b << (24 - 8 * j)) >> 24)
+        return c
     else:
-        view = words << (SLOT - POSITION)
-    return view & (((1 << WIDTH) - 1) << SLOT)
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _code_as_float(w0, w1, i: tl.constexpr, WIDTH0: tl.constexpr, WIDTH1: tl.constexpr):
-    """v = 1 + q / 2^b exactly, for code row i: q sits at the top of the mantissa of 1.0."""
-    BITS: tl.constexpr = WIDTH0 + WIDTH1
-    bits = _shifted_code(w0, i, WIDTH0, 23 - BITS) | 0x3F800000
-    if WIDTH1 > 0:
-        bits |= _shifted_code(w1, i, WIDTH1, 23 - WIDTH1)
-    return bits.to(tl.float32, bitcast=True)
+def _quantize_activations_kernel(x_ptr, xq_ptr, dx_ptr, xsum_ptr, K, padded_k, stride_xm,
+                                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """x fp16 [M, K] -> int8 xq [M, Kp] (absmax / 127 per group, zero past K), the step dx and
+    the sum of the int8 values per group, both fp32 [M, Kp // GROUP]. Grid: (M, group blocks)."""
+    m = tl.program_id(0)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_mask = groups < padded_k // GROUP
+    k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = tl.load(x_ptr + m * stride_xm + k, mask=group_mask[:, None] & (k < K), other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.floor(x * inv[:, None] + 0.5)
+    tl.store(xq_ptr + m * padded_k + k, q.to(tl.int8), mask=group_mask[:, None])
+    groups_per_row = padded_k // GROUP
+    tl.store(dx_ptr + m * groups_per_row + groups, amax / 127.0, mask=group_mask)
+    tl.store(xsum_ptr + m * groups_per_row + groups, tl.sum(q, axis=1), mask=group_mask)
 
 
 @triton.jit
-def _dequant_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, blocks_per_row, stride_xm, stride_ym,
-                         WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k] on the CUDA cores. Grid: (row blocks, batch rows, K splits).
+def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, xq_row, WIDTH: tl.constexpr, GROUP: tl.constexpr,
+                EMULATE: tl.constexpr):
+    """sum over each group's weights of code * int8 activation, for one word stream: [rows, groups].
 
-    A K step reads BLOCK_B interleaving blocks of BLOCK_N rows as a tile [rows, blocks, 16]
-    whose last axis is a contiguous run of words; the next step's words are loaded before
-    this step's are used, to keep memory busy.
-
-    Codes become floats with a shift and an AND-OR each (``_code_as_float``), and the
-    scale and zero are applied once per group's code rows.
+    The four activations that meet the bytes of (word t >> WIDTH * i) are k = t * P + 4 * i + j,
+    which is int32 number t * P / 4 + i of the int8 activations read as int32.
     """
-    P: tl.constexpr = 32 // WIDTH0
-    BITS: tl.constexpr = WIDTH0 + WIDTH1
-    ROWS_PER_GROUP: tl.constexpr = GROUP // 16 if GROUP // 16 < P else P  # code rows sharing a group
+    P: tl.constexpr = 32 // WIDTH
+    WORDS: tl.constexpr = GROUP // P  # words of a row in one group
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 0x01010101
+    t = tl.arange(0, WORDS)
+    word_index = groups[:, None] * WORDS + t[None, :]
+    words = tl.load(w_ptr + rows[:, None, None] * words_per_row + word_index[None, :, :], mask=row_mask[:, None, None],
+                    other=0)
+    acc = tl.zeros(words.shape, dtype=tl.int32)
+    for i in tl.static_range(P // 4):
+        xw = tl.load(xq_row + word_index * (P // 4) + i)
+        acc = _dp4a((words >> (WIDTH * i)) & MASK, xw[None, :, :], acc, EMULATE)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _dp4a_gemv_kernel(xq_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, dx_ptr, xsum_ptr, y_ptr, N, total_groups, stride_ym,
+                      WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] w[n, k] from int8 activations (``_quantize_activations_kernel``).
+    Grid: (row blocks, batch rows, K splits).
+
+    A step covers BLOCK_G groups: integer dot products by dp4a, then per group
+    s * dx * (sum q x_q - z * sum x_q).
+    """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    steps = tl.cdiv(blocks_per_row, BLOCK_B)
+    padded_k = total_groups * GROUP
+    xq_row = xq_ptr + m * (padded_k // 4)
+    steps = tl.cdiv(total_groups, BLOCK_G)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
-    end = tl.minimum(last * BLOCK_B, blocks_per_row)  # this split's blocks end here
-    block = tl.arange(0, BLOCK_B)
-    c = tl.arange(0, 16)
-    offsets = (rows[:, None, None] * blocks_per_row + block[None, :, None]) * 16 + c[None, None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_B, 16), dtype=tl.float32)
-    w0 = _load_words(w0_ptr, offsets, first, row_mask, block, end, BLOCK_B)
-    w1 = w0
-    if WIDTH1 > 0:
-        w1 = _load_words(w1_ptr, offsets, first, row_mask, block, end, BLOCK_B)
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for step in range(first, last):
-        w0_next = _load_words(w0_ptr, offsets, step + 1, row_mask, block, end, BLOCK_B)
-        w1_next = w0_next
+        groups = step * BLOCK_G + tl.arange(0, BLOCK_G)
+        group_mask = groups < total_groups
+        groups = tl.where(group_mask, groups, 0)  # past the end: read group 0, scaled by zero below
+        qx = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, xq_row, WIDTH0, GROUP, EMULATE)
         if WIDTH1 > 0:
-            w1_next = _load_words(w1_ptr, offsets, step + 1, row_mask, block, end, BLOCK_B)
-        blocks = step * BLOCK_B + block
-        live_blocks = row_mask[:, None] & (blocks < end)[None, :]
-        for i in tl.static_range(P):
-            k_row = blocks * (16 * P) + i * 16  # weight k of code row i in word 0 of each block
-            k = k_row[:, None] + c[None, :]
-            if i % ROWS_PER_GROUP == 0:
-                g = k_row // GROUP
-                s = tl.load(s_ptr + g[None, :] * N + rows[:, None], mask=live_blocks, other=0.0)[:, :, None]
-                z = tl.load(z_ptr + g[None, :] * N + rows[:, None], mask=live_blocks, other=0.0)[:, :, None]
-                vx = tl.zeros((BLOCK_N, BLOCK_B, 16), dtype=tl.float32)
-                xsum = tl.zeros((BLOCK_B, 16), dtype=tl.float32)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            xsum += x
-            vx += _code_as_float(w0, w1, i, WIDTH0, WIDTH1) * x[None, :, :]
-            if i % ROWS_PER_GROUP == ROWS_PER_GROUP - 1:
-                # sum (1 + q / 2^b) x = sum x + 2^-b sum q x, so s sum (q - z) x = s (2^b vx - (2^b + z) sum x).
-                acc += s.to(tl.float32) * ((1 << BITS) * vx - ((1 << BITS) + z.to(tl.float32)) * xsum[None, :, :])
-        w0 = w0_next
-        w1 = w1_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+            qx += _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, xq_row, WIDTH1, GROUP,
+                              EMULATE) << WIDTH0
+        dx = tl.load(dx_ptr + m * total_groups + groups, mask=group_mask, other=0.0)
+        x_sum = tl.load(xsum_ptr + m * total_groups + groups)
+        sz_offsets = groups[None, :] * N + rows[:, None]
+        s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        acc += s * dx[None, :] * (qx.to(tl.float32) - z * x_sum[None, :])
+    out = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + m * stride_ym + rows
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, out, mask=row_mask)
@@ -197,19 +205,53 @@ def _dequant_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, block
 
 
 @triton.jit
-def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, blocks_per_row, stride_xm, stride_ym,
+def _stream_codes(w_ptr, words_per_row, rows, row_mask, step, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Codes [rows, BLOCK_K] of K step `step` of one word stream, as int32: each word is read once
+    and its P codes are spread along a new axis by P constant shifts, which in row-major order
+    is the natural k order."""
+    P: tl.constexpr = 32 // WIDTH
+    WORDS: tl.constexpr = BLOCK_K // P
+    t = tl.arange(0, WORDS)
+    words = tl.load(w_ptr + rows[:, None] * words_per_row + step * WORDS + t[None, :], mask=row_mask[:, None], other=0)
+    within = tl.arange(0, P)
+    shift = 8 * (within % 4) + WIDTH * (within // 4)
+    codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << WIDTH) - 1)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
+                      WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights [rows, BLOCK_K] of K step `step` in fp16. BLOCK_K divides Kp (a multiple of 128)."""
+    q = _stream_codes(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, step, WIDTH0, BLOCK_N, BLOCK_K)
+    if WIDTH1 > 0:
+        q |= _stream_codes(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, step, WIDTH1, BLOCK_N, BLOCK_K) << WIDTH0
+    if BLOCK_K <= GROUP:  # one group per step: a scale and a zero per row
+        g = (step * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
+        z = tl.load(z_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        sz_offsets = (k // GROUP)[None, :] * N + rows[:, None]
+        s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
+        z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
+    q_float = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q exactly, then q
+    return (q_float - z) * s
+
+
+@triton.jit
+def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, padded_k, stride_xm, stride_ym,
                          WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k] on the tensor cores. Grid: (row blocks, batch blocks, K splits).
 
-    A K step dequantizes a tile [rows, blocks, code rows, 16], which in that order is the
-    natural k order, to fp16 and multiplies it with the matching contiguous slice of x.
-    Weight rows are the product's first dimension (y^T = W x^T), so that a batch narrower
-    than a tensor-core tile wastes only the narrow side.
+    Weight rows are the product's first dimension (y^T = W x^T): the dequantized tile is the
+    operand that comes from registers, and a batch narrower than a tensor-core tile wastes only
+    the narrow side.
     """
-    P: tl.constexpr = 32 // WIDTH0
-    STEP_K: tl.constexpr = BLOCK_B * 16 * P
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -217,41 +259,19 @@ def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, bl
     row_mask = rows < N
     batch = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     batch_mask = batch < M
-    steps = tl.cdiv(blocks_per_row, BLOCK_B)
+    steps = padded_k // BLOCK_K
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
-    end = tl.minimum(last * BLOCK_B, blocks_per_row)
-    block = tl.arange(0, BLOCK_B)
-    c = tl.arange(0, 16)
-    code_row = tl.arange(0, P)
-    offsets = (rows[:, None, None] * blocks_per_row + block[None, :, None]) * 16 + c[None, None, :]
+    kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    w0 = _load_words(w0_ptr, offsets, first, row_mask, block, end, BLOCK_B)
-    w1 = w0
-    if WIDTH1 > 0:
-        w1 = _load_words(w1_ptr, offsets, first, row_mask, block, end, BLOCK_B)
     for step in range(first, last):
-        w0_next = _load_words(w0_ptr, offsets, step + 1, row_mask, block, end, BLOCK_B)
-        w1_next = w0_next
-        if WIDTH1 > 0:
-            w1_next = _load_words(w1_ptr, offsets, step + 1, row_mask, block, end, BLOCK_B)
-        blocks = step * BLOCK_B + block
-        q = (w0[:, :, None, :] >> (code_row * WIDTH0)[None, None, :, None]) & ((1 << WIDTH0) - 1)
-        if WIDTH1 > 0:
-            q |= ((w1[:, :, None, :] >> (code_row * WIDTH1)[None, None, :, None]) & ((1 << WIDTH1) - 1)) << WIDTH0
-        g = (blocks[:, None] * (16 * P) + code_row[None, :] * 16) // GROUP
-        sz_offsets = g[None, :, :] * N + rows[:, None, None]
-        sz_mask = row_mask[:, None, None] & (blocks < end)[None, :, None]
-        s = tl.load(s_ptr + sz_offsets, mask=sz_mask, other=0.0)[:, :, :, None]
-        z = tl.load(z_ptr + sz_offsets, mask=sz_mask, other=0.0)[:, :, :, None]
-        q_float = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q, exactly, then q
-        w = tl.reshape((q_float - z) * s, (BLOCK_N, STEP_K))
-        k = step * STEP_K + tl.arange(0, STEP_K)
-        x = tl.load(x_ptr + batch[:, None] * stride_xm + k[None, :], mask=batch_mask[:, None] & (k < K)[None, :], other=0.0)
+        w = _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
+                              WIDTH0, WIDTH1, GROUP, BLOCK_N, BLOCK_K)
+        k = step * BLOCK_K + kk
+        x = tl.load(x_ptr + batch[:, None] * stride_xm + k[None, :],
+                    mask=batch_mask[:, None] & (k < K)[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x.to(tl.float16)), acc)
-        w0 = w0_next
-        w1 = w1_next
     y_ptrs = y_ptr + batch[None, :] * stride_ym + rows[:, None]
     mask = row_mask[:, None] & batch_mask[None, :]
     if SPLIT_K > 1:
@@ -260,36 +280,77 @@ def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, bl
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequantize_kernel(w0_ptr, w1_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_k,
+                       WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n, k] = w[n, k] in fp16, for k < K. Grid: (row blocks, K steps)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    step = tl.program_id(1)
+    w = _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
+                          WIDTH0, WIDTH1, GROUP, BLOCK_N, BLOCK_K)
+    k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + k[None, :], w, mask=row_mask[:, None] & (k < K)[None, :])
+
+
 @dataclass(frozen=True)
 class DequantConfig:
     block_n: int
-    block_m: int  # 1: the CUDA-core GEMV, one activation row per program; >= 16: the tensor cores
-    block_b: int = 1  # interleaving blocks (16 words) of a row per K step
+    block_m: int  # 1: the dp4a GEMV, one activation row per program; >= 16: the tensor cores
+    block_k: int = 128  # weights of a row per K step (GEMV: rounded up to whole kernel groups)
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    dense: bool = False  # instead: dequantize into an fp16 workspace (block_n x block_k tiles), then cuBLAS
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def _workspace(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """An fp16 [n, k] scratch matrix, shared by all weights on the device (one product at a time)."""
+    buffer = _WORKSPACES.get(device)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _WORKSPACES[device] = torch.empty(n * k, dtype=torch.float16, device=device)
+    return buffer[: n * k].view(n, k)
 
 
 def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> torch.Tensor:
     """x fp16 [M, K] -> y [M, N] in x's dtype."""
     m, k = x.shape
     n = layout.out_features
-    if config.block_m != 1 and config.block_m < 16:
-        raise ValueError(f"block_m={config.block_m}: 1 (CUDA cores) or 16 and more (tensor cores)")
-    if config.split_k > 1:
+    if not config.dense and config.block_m != 1 and config.block_m < 16:
+        raise ValueError(f"block_m={config.block_m}: 1 (dp4a GEMV) or 16 and more (tensor cores)")
+    if (config.dense or config.block_m != 1) and (K_MULTIPLE % config.block_k or config.block_k < 16):
+        raise ValueError(f"block_k={config.block_k}: the dequantizing tiles need a divisor of {K_MULTIPLE}, >= 16")
+    widths = STREAMS[layout.bits]
+    meta = dict(WIDTH0=widths[0], WIDTH1=widths[1] if len(widths) > 1 else 0, GROUP=layout.group,
+                BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
+    weights = (layout.words[0], layout.words[-1], layout.scales, layout.zeros)
+    if config.dense:
+        w = _workspace(n, k, x.device)
+        grid = (triton.cdiv(n, config.block_n), layout.padded_in_features // config.block_k)
+        _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, BLOCK_K=config.block_k, **meta)
+        return torch.matmul(x, w.t())
+    if config.split_k > 1:  # split-K programs add fp32 partial sums atomically
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    widths = STREAMS[layout.bits]
-    args = (x, layout.words[0], layout.words[-1], layout.scales, layout.zeros, y)
-    shape = (n, k, layout.words[0].shape[1] // BLOCK_WORDS, x.stride(0), y.stride(0))
-    meta = dict(WIDTH0=widths[0], WIDTH1=widths[1] if len(widths) > 1 else 0, GROUP=layout.group,
-                BLOCK_N=config.block_n, BLOCK_B=config.block_b, SPLIT_K=config.split_k,
-                num_warps=config.num_warps, num_stages=config.num_stages)
     if config.block_m == 1:
+        padded_k, groups = layout.padded_in_features, layout.scales.shape[0]
+        xq = torch.empty(m, padded_k, device=x.device, dtype=torch.int8)
+        dx = torch.empty(m, groups, device=x.device, dtype=torch.float32)
+        x_sum = torch.empty(m, groups, device=x.device, dtype=torch.float32)
+        quantize_groups = max(1, 1024 // layout.group)
+        _quantize_activations_kernel[(m, triton.cdiv(groups, quantize_groups))](
+            x, xq, dx, x_sum, k, padded_k, x.stride(0), GROUP=layout.group, BLOCK_G=quantize_groups)
         grid = (triton.cdiv(n, config.block_n), m, config.split_k)
-        _dequant_gemv_kernel[grid](*args, *shape, **meta)
+        _dp4a_gemv_kernel[grid](xq.view(torch.int32), *weights, dx, x_sum, y, n, groups, y.stride(0),
+                                BLOCK_G=max(1, config.block_k // layout.group), SPLIT_K=config.split_k,
+                                EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **meta)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-        _dequant_gemm_kernel[grid](*args, m, *shape, BLOCK_M=config.block_m, **meta)
+        _dequant_gemm_kernel[grid](x, *weights, y, m, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
+                                   BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k, **meta)
     return y.to(x.dtype)

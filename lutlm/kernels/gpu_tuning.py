@@ -52,12 +52,12 @@ def weights_kind(bits: int, group: int) -> str:
 
 
 def default_plan(batch: int) -> Plan:
-    """For an empty table: the CUDA-core GEMV for a few tokens, the tensor cores beyond."""
+    """For an empty table: the dp4a GEMV for a few tokens, the tensor cores beyond."""
     if batch <= 4:
-        return Plan("dequant", DequantConfig(block_n=16, block_m=1, block_b=4))
+        return Plan("dequant", DequantConfig(block_n=64, block_m=1, block_k=256))
     if batch <= 16:
-        return Plan("dequant", DequantConfig(block_n=128, block_m=16, num_stages=3))
-    return Plan("dequant", DequantConfig(block_n=64, block_m=128, num_stages=3))
+        return Plan("dequant", DequantConfig(block_n=128, block_m=16, block_k=64, num_stages=3))
+    return Plan("dequant", DequantConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=3))
 
 
 def load_table(path: Path = TABLE_PATH) -> list[dict]:
@@ -69,9 +69,10 @@ def load_table(path: Path = TABLE_PATH) -> list[dict]:
 def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
     """The tuned plan for the smallest tuned batch >= `batch` (else the largest), at the exact
     shape or the nearest tuned one, preferring entries of the same weight kind, then of the
-    same bits at another group size."""
+    same bits at another group size, then of any weights."""
     bits = kind.split("bit")[0]
-    rows = [e for e in entries if e["weights"] == kind] or [e for e in entries if e["weights"].split("bit")[0] == bits]
+    rows = ([e for e in entries if e["weights"] == kind] or [e for e in entries if e["weights"].split("bit")[0] == bits]
+            or entries)
     if not rows:
         return default_plan(batch)
     tuned_batches = sorted({e["batch"] for e in rows})
@@ -82,25 +83,20 @@ def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
 
 
 def candidates(batch: int) -> list[Plan]:
-    """The configurations worth timing for a batch size: a small set (each costs a compile),
-    kept to those that won somewhere in exploratory sweeps on an H100."""
-    gemv = [DequantConfig(block_n=bn, block_m=1, block_b=bb, split_k=sk, num_warps=w)
-            for bn, bb, sk, w in ((16, 4, 1, 4), (8, 4, 1, 4), (8, 8, 1, 4), (32, 2, 1, 4), (32, 4, 1, 8),
-                                  (64, 2, 1, 4), (16, 4, 2, 4))]
+    """The configurations worth timing for a batch size (each costs a compile)."""
+    gemv = [Plan("dequant", DequantConfig(block_n=bn, block_m=1, block_k=bk, split_k=sk, num_warps=w))
+            for bn, bk, sk, w in ((16, 128, 1, 2), (32, 128, 1, 4), (32, 256, 1, 4), (16, 128, 4, 2),
+                                  (32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4))]
+    lut = [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
+    gemm = [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, block_k=bk, num_warps=w, num_stages=st))
+            for bn, bm, bk, w, st in ((64, 16, 128, 4, 3), (128, 16, 64, 4, 3), (64, 64, 64, 4, 3),
+                                      (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
+    dense = [Plan("dequant", DequantConfig(block_n=32, block_m=0, block_k=128, dense=True))]
     if batch <= 4:
-        plans = [Plan("dequant", c) for c in gemv] + [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
-        if batch > 1:
-            plans.append(Plan("dequant", DequantConfig(block_n=128, block_m=16, num_stages=3)))
-        return plans
+        return gemv + lut + (gemm[:2] if batch > 1 else [])
     if batch <= 16:
-        return [Plan("dequant", gemv[0])] + [
-            Plan("dequant", DequantConfig(block_n=bn, block_m=16, num_warps=w, num_stages=3))
-            for bn, w in ((64, 4), (128, 4), (128, 8))]
-    if batch <= 64:
-        return [Plan("dequant", DequantConfig(block_n=bn, block_m=64, num_warps=w, num_stages=3))
-                for bn, w in ((64, 4), (128, 4), (128, 8))]
-    return [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, num_warps=w, num_stages=st))
-            for bn, bm, w, st in ((64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 256, 8, 2))]
+        return gemv[1:3] + gemm[:4] + dense
+    return [p for p in gemm if p.config.block_m <= 2 * batch] + dense
 
 
 def time_calls(calls: list[Callable[[], object]], launches: int = 40, repeats: int = 15) -> tuple[float, float, float]:
