@@ -17,11 +17,13 @@ PROMPTS = [
     "Water boils at 100 degrees Celsius at sea level, but at higher altitudes",
 ]
 
-# lutlm multiplies the dequantized Q4_1 weights by float32 activations; llama.cpp quantizes
-# activations to 8 bits (Q8_1) for its Q4_1 dot products. On the Q4_1 file that noise alone
-# gives a mean KL(llama.cpp || lutlm) of about 3.4e-3 nats and flips the top-1 token at about
-# 4% of positions (near-ties). Given the same weights in F32, where llama.cpp computes in
-# float32 too, the two agree to 7e-7 nats: the gap is llama.cpp's arithmetic, not the model.
+# On the Q4_1 file llama.cpp and lutlm disagree at about 4% of positions (top-1, near-ties),
+# mean KL(llama.cpp || lutlm) about 3.4e-3 nats. llama.cpp disagrees with ITSELF as much: its
+# logits on the Q4_1 file against its logits on the same weights dequantized to an F32 GGUF
+# flip the same share of top-1 tokens with the same KL (test_quantized_gap_is_llama_cpps_own),
+# while on the F32 file lutlm and llama.cpp agree to 7e-7 nats. So the gap is in llama.cpp's
+# quantized arithmetic, not in lutlm's model. (Emulating llama.cpp's Q8 activation rounding in
+# lutlm did not close it, so its exact source inside llama.cpp is not pinned down.)
 QUANTIZED_GGUF_BOUNDS = {"top1": 0.95, "kl": 0.01}
 F32_GGUF_BOUNDS = {"top1": 0.99, "kl": 1e-5}
 
@@ -99,33 +101,53 @@ def test_f32_gguf_round_trips(bundled, f32_gguf):
         assert torch.equal(again.tensors[name], tensor), name
 
 
-def agreement(model, tokenizer, llama, wikitext_path) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(llama.cpp || lutlm) over prompts and WikiText passages."""
+def agreement(ours, theirs, tokenizer, wikitext_path) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(theirs || ours) over prompts and WikiText passages; `ours` and
+    `theirs` map a token list to its logits."""
     wiki = tokenizer.encode(read_text(wikitext_path)[:40000])
     sequences = [tokenizer.encode(p) for p in PROMPTS] + [wiki[i:i + 256] for i in range(0, 1024, 256)]
     agree = total = 0
     kls = []
     for tokens in sequences:
-        ours = torch.log_softmax(logits_of(model, tokens), -1)
-        theirs = torch.log_softmax(llama.logits(tokens), -1)
-        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        a = torch.log_softmax(ours(tokens), -1)
+        b = torch.log_softmax(theirs(tokens), -1)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(tokens)
-        kls.append((theirs.exp() * (theirs - ours)).sum(-1))
+        kls.append((b.exp() * (b - a)).sum(-1))
     return agree / total, torch.cat(kls).mean().item()
 
 
+@pytest.fixture(scope="module")
+def llama_cpp_f32(f32_gguf):
+    """llama.cpp on the bundled model's weights as an F32 GGUF."""
+    from lutlm import peer
+
+    return peer.LlamaCpp(f32_gguf, n_ctx=512, n_threads=2)
+
+
+def lutlm_logits(bundled):
+    return lambda tokens: logits_of(bundled[0], tokens)
+
+
 def test_logits_agree_with_llama_cpp_on_same_gguf(bundled, llama_cpp_model, wikitext_path):
-    top1, kl = agreement(bundled[0], bundled[1], llama_cpp_model, wikitext_path)
+    top1, kl = agreement(lutlm_logits(bundled), llama_cpp_model.logits, bundled[1], wikitext_path)
     print(f"Q4_1 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
     assert top1 >= QUANTIZED_GGUF_BOUNDS["top1"] and kl < QUANTIZED_GGUF_BOUNDS["kl"]
 
 
-def test_logits_agree_with_llama_cpp_on_f32_weights(bundled, llama_cpp_model, f32_gguf, wikitext_path):
-    from lutlm import peer
-
-    top1, kl = agreement(bundled[0], bundled[1], peer.LlamaCpp(f32_gguf, n_ctx=512, n_threads=2), wikitext_path)
+def test_logits_agree_with_llama_cpp_on_f32_weights(bundled, llama_cpp_f32, wikitext_path):
+    top1, kl = agreement(lutlm_logits(bundled), llama_cpp_f32.logits, bundled[1], wikitext_path)
     print(f"F32 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
     assert top1 >= F32_GGUF_BOUNDS["top1"] and kl < F32_GGUF_BOUNDS["kl"]
+
+
+def test_quantized_gap_is_llama_cpps_own(bundled, llama_cpp_model, llama_cpp_f32, wikitext_path):
+    """llama.cpp on the Q4_1 file is no closer to llama.cpp on the same weights in F32 than to lutlm."""
+    ours = agreement(lutlm_logits(bundled), llama_cpp_model.logits, bundled[1], wikitext_path)
+    its_own = agreement(llama_cpp_f32.logits, llama_cpp_model.logits, bundled[1], wikitext_path)
+    print(f"Q4_1 GGUF against lutlm: top-1 {ours[0]:.4f}, KL {ours[1]:.2e}; "
+          f"against llama.cpp on F32 weights: top-1 {its_own[0]:.4f}, KL {its_own[1]:.2e}")
+    assert ours[0] >= its_own[0] - 0.005 and ours[1] <= 1.05 * its_own[1]
 
 
 def test_perplexity_agrees_with_llama_cpp(bundled, llama_cpp_model, wikitext_path):
