@@ -7,9 +7,9 @@ from tiny_checkpoint import tiny_checkpoint
 
 from lutlm.loader import build_model
 from lutlm.quantize import grid
-from lutlm.quantize.awq import output_error, quantize_awq, search_scales
+from lutlm.quantize.awq import output_error, quantize_awq, quantize_awq_gptq, search_scales
 from lutlm.quantize.calibration import CalibrationSet, InputStats, calibration_set, record_inputs
-from lutlm.quantize.config import QuantConfig
+from lutlm.quantize.config import SCALING_METHODS, QuantConfig
 from lutlm.quantize.gptq import quantize_gptq
 from lutlm.quantize.model_quantizer import (
     can_fold, fold_inverse_scales, layer_input_groups, plan_group_sizes, quantize_checkpoint,
@@ -205,6 +205,7 @@ def tiny_calibration(checkpoint, sequences=4, seq_len=32) -> CalibrationSet:
     QuantConfig(method="rtn", bits=3, group_size=32),
     QuantConfig(method="gptq", bits=4, group_size=128, group_fallback=True, act_order=True),
     QuantConfig(method="awq", bits=2, group_size=64, group_fallback=True, quantize_head=True),
+    QuantConfig(method="awq-gptq", bits=3, group_size=64, group_fallback=True, act_order=True),
     QuantConfig(method="ternary", ternary_group=32),
 ], ids=lambda c: c.describe())
 def test_model_quantizer_packs_every_linear(config):
@@ -221,7 +222,7 @@ def test_model_quantizer_packs_every_linear(config):
     expected_bits = sum(w.bits_per_weight * weights[n] for n, w in quantized.packed.items()) / sum(weights.values())
     assert result.bits_per_weight == pytest.approx(expected_bits)
     assert quantized.quantization["bits_per_weight"] == pytest.approx(expected_bits)
-    if config.method == "awq":
+    if config.method in SCALING_METHODS:
         assert "model.layers.0.input_layernorm.weight" in result.float_tensors  # scales folded there
     model = build_model(quantized, backend="reference")
     model.setup_cache(1, 16)
@@ -256,7 +257,7 @@ def test_quantizing_a_packed_checkpoint_is_refused():
     (dict(method="ternary", bits=4), "ternary weights are stored in 2 bits"),
     (dict(method="rtn", ternary_group=32), "applies to the ternary method, not rtn"),
     (dict(group_size=48), "group_size=48 is not a positive multiple of 32"),
-    (dict(method="awq", act_order=True), "act_order (--act-order) applies to gptq, not awq"),
+    (dict(method="awq", act_order=True), "act_order (--act-order) applies to gptq and awq-gptq, not awq"),
     (dict(damp=0), "damp=0 must lie between 0 and 1"),
     (dict(method="hqq"), "unknown quantization method 'hqq'"),
 ])
@@ -321,15 +322,17 @@ def real_layer_inputs(bundled, wikitext_path):
 
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("layer", ["model.layers.4.self_attn.q_proj", "model.layers.20.mlp.down_proj"])
-def test_gptq_and_awq_beat_rtn_on_real_layers(real_layer_inputs, layer, bits):
+def test_calibrated_methods_beat_rtn_on_real_layers(real_layer_inputs, layer, bits):
     w, calib, test = real_layer_inputs[layer]
     group = 64
     rtn = quantize_rtn(w, bits, group).dequantize()
     gptq = quantize_gptq(w, calib.hessian, bits, group).dequantize()
     s = search_scales([w], calib.hessian, calib.mean_abs, bits, [group])
     awq = quantize_awq(w, calib.hessian, s, bits, group).dequantize() / s
+    awq_gptq = quantize_awq_gptq(w, calib.hessian, s, bits, group).dequantize() / s
     # Layer-output error on held-out tokens, not those the quantizers were fitted on.
     err = {name: float(output_error(q - w, test.hessian)) for name, q in
-           (("rtn", rtn), ("gptq", gptq), ("awq", awq))}
+           (("rtn", rtn), ("gptq", gptq), ("awq", awq), ("awq-gptq", awq_gptq))}
     assert err["gptq"] < err["rtn"], err
     assert err["awq"] < err["rtn"], err
+    assert err["awq-gptq"] < err["rtn"], err

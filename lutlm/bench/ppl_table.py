@@ -37,7 +37,7 @@ from lutlm.formats.gguf import linear_storage
 from lutlm.loader import build_model, default_model_path
 from lutlm.perplexity import DEFAULT_TEXT, PerplexityResult, model_perplexity, perplexity_tokens, read_text, score_chunks
 from lutlm.quantize.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibration_set
-from lutlm.quantize.config import QuantConfig
+from lutlm.quantize.config import CALIBRATED_METHODS, GPTQ_METHODS, QuantConfig
 from lutlm.quantize.model_quantizer import quantize_checkpoint
 from lutlm.tokenizer import Tokenizer
 
@@ -70,8 +70,9 @@ def scored_row(engine, variant, method, bits, group, bpw, result: PerplexityResu
                q_seconds, e_seconds)
 
 
-def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool) -> list[QuantConfig]:
-    configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True)
+def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool,
+                  act_order: bool = False) -> list[QuantConfig]:
+    configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True, act_order=act_order and m in GPTQ_METHODS)
                for g in groups for b in bits for m in methods]
     return ([QuantConfig(method="ternary")] if ternary else []) + configs
 
@@ -83,7 +84,7 @@ def run(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     bits = [int(b) for b in args.bits.split(",") if b]
     groups = [int(g) for g in args.groups.split(",") if g]
-    configs = lutlm_configs(methods, bits, groups, not args.no_ternary)  # refuses bad requests before work
+    configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order)  # refuses bad requests before work
     use_peer = peer.available() and not args.no_peer
     args.max_chunks = args.max_chunks or None
     torch.set_num_threads(args.threads)
@@ -151,7 +152,7 @@ def run(args) -> dict:
                            time.perf_counter() - start))
 
     for config in tqdm(configs, desc="lutlm rows", unit="row"):
-        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in ("awq", "gptq")
+        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in CALIBRATED_METHODS
                                               else None, progress=False)
         result, seconds = evaluate(build_model(quantized, backend="reference"))
         group = ("per-tensor" if config.ternary_group is None else f"g{config.ternary_group}") if config.ternary \
@@ -169,7 +170,7 @@ def check_targets(rows: list[Row]) -> list[dict]:
     source = next(r for r in rows if r.method == "source")
     targets = []
     for bits, allowed in TARGETS.items():
-        candidates = [r for r in rows if r.method in ("awq", "gptq") and r.bits == bits and r.group == "g128"]
+        candidates = [r for r in rows if r.method in CALIBRATED_METHODS and r.bits == bits and r.group == "g128"]
         if candidates:
             best = min(candidates, key=lambda r: r.ppl)
             targets.append({"target": f"{bits}-bit g128, AWQ or GPTQ, within +{allowed:.0%} of the source",
@@ -224,7 +225,7 @@ def plot(report: dict, path: Path) -> None:
     source = next(r for r in rows if r.method == "source")
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.axhline(source.ppl, color="gray", linestyle=":", label=f"source ({source.ppl:.2f})")
-    styles = {"rtn": "C0", "awq": "C1", "gptq": "C2"}
+    styles = {"rtn": "C0", "awq": "C1", "gptq": "C2", "awq-gptq": "C3"}
     for method, color in styles.items():
         for group, marker, line in (("g128", "o", "-"), ("g64", "s", "--")):
             sel = sorted((r for r in rows if r.method == method and r.group == group), key=lambda r: r.bits_per_weight)
@@ -259,6 +260,7 @@ def add_parser(bench_subparsers) -> None:
     p.add_argument("--bits", default="4,3,2", help="bit-widths, comma-separated")
     p.add_argument("--groups", default="128,64", help="group sizes, comma-separated (g128 falls back where needed)")
     p.add_argument("--no-ternary", action="store_true", help="leave out the ternary row")
+    p.add_argument("--act-order", action="store_true", help="GPTQ rounding in order of decreasing activation energy")
     p.add_argument("--peer-types", default=",".join(PEER_TYPES), help="llama.cpp quantizations, comma-separated")
     p.add_argument("--no-peer", action="store_true", help="lutlm rows only, even with llama-cpp-python installed")
     p.add_argument("--calib-sequences", type=int, default=DEFAULT_SEQUENCES)

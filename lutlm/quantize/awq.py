@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from lutlm.formats.packed import PackedWeight
+from lutlm.quantize.gptq import quantize_gptq
 from lutlm.quantize.grid import fit_clipped, fit_minmax, grouped, quantize, rounding_error, to_packed
 
 ALPHAS = tuple(i / 20 for i in range(20))
@@ -105,3 +106,19 @@ def quantize_awq(
     groups = grouped(scaled_w, group_size)
     grid = fit_clipped(groups, bits, symmetric, group_output_error(scaled_h, group_size))
     return to_packed(quantize(groups, grid, bits), grid, bits)
+
+
+def quantize_awq_gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> PackedWeight:
+    """AWQ's scales, then GPTQ's rounding: GPTQ on w * scales (columns) with the Hessian of the
+    scaled inputs x / scales. The caller folds 1 / scales into the input's producer."""
+    scaled_h = hessian / scales.view(-1, 1) / scales.view(1, -1)
+    return quantize_gptq(w.float() * scales, scaled_h, bits, group_size, symmetric, damp, act_order)

@@ -7,7 +7,7 @@ import time
 
 from lutlm.formats.packed_model import FLOAT_DTYPES
 from lutlm.quantize.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES
-from lutlm.quantize.config import METHODS, TERNARY_TAKES_NO_GROUP, QuantConfig
+from lutlm.quantize.config import CALIBRATED_METHODS, METHODS, TERNARY_TAKES_NO_GROUP, QuantConfig
 
 
 def parse_group_size(text: str) -> int | None:
@@ -53,7 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     checkpoint = load_checkpoint(args.model or default_model_path())
     calibration = None
-    if config.method in ("awq", "gptq"):
+    if config.method in CALIBRATED_METHODS:
         calibration = calibration_set(Tokenizer(checkpoint.tokenizer), args.calib_text, args.calib_sequences,
                                       args.calib_seq_len)
         first, end = calibration.token_range
@@ -74,7 +74,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="quantize a model to low-bit packed weights")
     p.add_argument("-m", "--model", help="float source: GGUF file or Hugging Face folder (default: the bundled model)")
     p.add_argument("-o", "--output", required=True, help="packed model folder to write")
-    p.add_argument("--method", choices=METHODS, default="gptq", help="quantizer (default: gptq)")
+    p.add_argument("--method", choices=METHODS, default="gptq",
+                   help="quantizer (default: gptq); awq-gptq folds AWQ's scales, then rounds by GPTQ")
     p.add_argument("--bits", type=int, help="1, 2, 3 or 4 (default 4; ternary is stored in 2)")
     p.add_argument("--group-size", help="inputs per scale: 32, 64, 128 ... or 'row' (default 64; not for ternary)")
     p.add_argument("--group-fallback", action="store_true",
@@ -83,8 +84,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--symmetric", action="store_true", help="grid symmetric about 0 (no zero-point term)")
     p.add_argument("--ternary-group", type=int, help="ternary: one absmean scale per group of this many inputs "
                                                       "(default: one per tensor)")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
-    p.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--act-order", action="store_true", help="gptq, awq-gptq: quantize columns by decreasing activation energy")
+    p.add_argument("--damp", type=float, default=0.01, help="gptq, awq-gptq: Hessian damping, fraction of its mean diagonal")
     p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: kept in float)")
     p.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), default="float16",
                    help="storage of the float matrices kept (embedding, float lm_head)")

@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass
 
 from lutlm.formats.packed import SUPPORTED_BITS
 
-METHODS = ("rtn", "awq", "gptq", "ternary")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq", "ternary")
+CALIBRATED_METHODS = ("awq", "gptq", "awq-gptq")  # those that need calibration activations
+SCALING_METHODS = ("awq", "awq-gptq")  # those that search and fold AWQ's input scales
+GPTQ_METHODS = ("gptq", "awq-gptq")  # those that round by GPTQ
 GROUP_MULTIPLE = 32  # group sizes the kernels handle: multiples of 32, or the whole row
 TERNARY_TAKES_NO_GROUP = (
     "ternary quantization takes no group size: its absmean scale is per tensor, "
@@ -33,8 +36,8 @@ class QuantConfig:
     symmetric: bool = False
     group_fallback: bool = False
     ternary_group: int | None = None  # ternary only; None: one scale per tensor
-    act_order: bool = False  # gptq only
-    damp: float = 0.01  # gptq only, as a fraction of the Hessian's mean diagonal
+    act_order: bool = False  # GPTQ_METHODS only
+    damp: float = 0.01  # GPTQ_METHODS only, as a fraction of the Hessian's mean diagonal
     quantize_head: bool = False  # also quantize lm_head (kept in float by default)
 
     def __post_init__(self) -> None:
@@ -60,8 +63,8 @@ class QuantConfig:
             size = getattr(self, name)
             if size is not None and (size <= 0 or size % GROUP_MULTIPLE):
                 raise ValueError(f"{name}={size} is not a positive multiple of {GROUP_MULTIPLE}")
-        if self.act_order and self.method != "gptq":
-            raise ValueError(f"act_order (--act-order) applies to gptq, not {self.method}")
+        if self.act_order and self.method not in GPTQ_METHODS:
+            raise ValueError(f"act_order (--act-order) applies to {' and '.join(GPTQ_METHODS)}, not {self.method}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp} must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")
 

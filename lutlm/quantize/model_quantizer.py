@@ -3,7 +3,8 @@
 Attention q/k/v/o and MLP gate/up/down of every decoder layer are quantized; lm_head only
 when asked (QuantConfig.quantize_head); the embedding and the norms stay in float.
 
-RTN and ternary read the weights alone. AWQ and GPTQ run the calibration sequences
+RTN and ternary read the weights alone. AWQ, GPTQ and AWQ-then-GPTQ (AWQ's input scales
+searched and folded, then GPTQ's rounding of the scaled weights) run the calibration sequences
 through the model one decoder layer at a time, as their reference implementations do:
 the layer's linear inputs are recorded, its linears quantized, and its outputs, computed
 with the quantized weights, become the next layer's inputs, so each layer is fitted to
@@ -24,9 +25,9 @@ from tqdm import tqdm
 from lutlm.formats import Checkpoint
 from lutlm.formats.packed import PackedWeight, check_config
 from lutlm.formats.packed_model import packed_type_name
-from lutlm.quantize.awq import quantize_awq, search_scales
+from lutlm.quantize.awq import quantize_awq, quantize_awq_gptq, search_scales
 from lutlm.quantize.calibration import CalibrationSet, InputStats, record_inputs
-from lutlm.quantize.config import QuantConfig
+from lutlm.quantize.config import CALIBRATED_METHODS, SCALING_METHODS, QuantConfig
 from lutlm.quantize.gptq import quantize_gptq
 from lutlm.quantize.rtn import quantize_rtn
 from lutlm.quantize.ternary import quantize_ternary
@@ -161,7 +162,7 @@ def quantize_stage(model: nn.Module, stage: list[InputGroup], stats: dict[str, I
     returns the packed weights and the AWQ scales folded, by input group."""
     scales = {}
     for group in stage:
-        if config.method == "awq" and can_fold(model, group):
+        if config.method in SCALING_METHODS and can_fold(model, group):
             s = stats[group.producer]
             weights = [model.get_submodule(name).weight.detach() for name in group.linears]
             scales[group] = search_scales(weights, s.hessian, s.mean_abs, config.bits,
@@ -174,9 +175,12 @@ def quantize_stage(model: nn.Module, stage: list[InputGroup], stats: dict[str, I
         hessian = stats[group.producer].hessian
         for name in group.linears:
             w = model.get_submodule(name).weight.detach()
+            s = scales.get(group, torch.ones(w.shape[1]))
             if config.method == "awq":
-                s = scales.get(group, torch.ones(w.shape[1]))
                 packed[name] = quantize_awq(w, hessian, s, config.bits, plan[name], config.symmetric)
+            elif config.method == "awq-gptq":
+                packed[name] = quantize_awq_gptq(w, hessian, s, config.bits, plan[name], config.symmetric,
+                                                 config.damp, config.act_order)
             else:
                 packed[name] = quantize_gptq(w, hessian, config.bits, plan[name], config.symmetric,
                                              config.damp, config.act_order)
@@ -230,7 +234,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
     """A checkpoint whose linears are packed low-bit weights, and how it was made."""
     plan = plan_group_sizes(checkpoint, config)
     start = time.perf_counter()
-    if config.method in ("awq", "gptq"):
+    if config.method in CALIBRATED_METHODS:
         if calibration is None:
             raise ValueError(f"{config.method} needs calibration data")
         packed, float_tensors = quantize_calibrated(checkpoint, config, plan, calibration, progress)
@@ -248,7 +252,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         "group_sizes": plan,
         "bits_per_weight": result.bits_per_weight,
         "seconds": result.seconds,
-        "calibration": calibration.describe() if calibration and config.method in ("awq", "gptq") else None,
+        "calibration": calibration.describe() if calibration and config.method in CALIBRATED_METHODS else None,
     }
     quantized = dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, packed=packed, quantization=info)
     return quantized, result
