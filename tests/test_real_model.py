@@ -129,8 +129,14 @@ def lutlm_logits(bundled):
     return lambda tokens: logits_of(bundled[0], tokens)
 
 
-def test_logits_agree_with_llama_cpp_on_same_gguf(bundled, llama_cpp_model, wikitext_path):
-    top1, kl = agreement(lutlm_logits(bundled), llama_cpp_model.logits, bundled[1], wikitext_path)
+@pytest.fixture(scope="module")
+def q4_1_agreement(bundled, llama_cpp_model, wikitext_path) -> tuple[float, float]:
+    """lutlm against llama.cpp on the bundled Q4_1 GGUF, measured once for the tests below."""
+    return agreement(lutlm_logits(bundled), llama_cpp_model.logits, bundled[1], wikitext_path)
+
+
+def test_logits_agree_with_llama_cpp_on_same_gguf(q4_1_agreement):
+    top1, kl = q4_1_agreement
     print(f"Q4_1 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
     assert top1 >= QUANTIZED_GGUF_BOUNDS["top1"] and kl < QUANTIZED_GGUF_BOUNDS["kl"]
 
@@ -141,9 +147,9 @@ def test_logits_agree_with_llama_cpp_on_f32_weights(bundled, llama_cpp_f32, wiki
     assert top1 >= F32_GGUF_BOUNDS["top1"] and kl < F32_GGUF_BOUNDS["kl"]
 
 
-def test_quantized_gap_is_llama_cpps_own(bundled, llama_cpp_model, llama_cpp_f32, wikitext_path):
+def test_quantized_gap_is_llama_cpps_own(bundled, q4_1_agreement, llama_cpp_model, llama_cpp_f32, wikitext_path):
     """llama.cpp on the Q4_1 file is no closer to llama.cpp on the same weights in F32 than to lutlm."""
-    ours = agreement(lutlm_logits(bundled), llama_cpp_model.logits, bundled[1], wikitext_path)
+    ours = q4_1_agreement
     its_own = agreement(llama_cpp_f32.logits, llama_cpp_model.logits, bundled[1], wikitext_path)
     print(f"Q4_1 GGUF against lutlm: top-1 {ours[0]:.4f}, KL {ours[1]:.2e}; "
           f"against llama.cpp on F32 weights: top-1 {its_own[0]:.4f}, KL {its_own[1]:.2e}")

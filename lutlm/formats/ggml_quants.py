@@ -25,7 +25,7 @@ QK_K = 256  # weights per K-quant super-block
 CHUNK_WEIGHTS = 1 << 22  # weights dequantized per step
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+def f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The f16 field at byte `offset` of each block, as float32 [n_blocks, 1]."""
     return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16).astype(np.float32)
 
@@ -90,25 +90,25 @@ def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
     q = q4_codes(blocks[:, 2:18]).astype(np.int8) - np.int8(8)
-    return _f16(blocks, 0) * q.astype(np.float32)
+    return f16_field(blocks, 0) * q.astype(np.float32)
 
 
 def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks, 0) * q4_codes(blocks[:, 4:20]).astype(np.float32) + _f16(blocks, 2)
+    return f16_field(blocks, 0) * q4_codes(blocks[:, 4:20]).astype(np.float32) + f16_field(blocks, 2)
 
 
 def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
     q = _q5_codes(blocks[:, 2:6], blocks[:, 6:22]).astype(np.int8) - np.int8(16)
-    return _f16(blocks, 0) * q.astype(np.float32)
+    return f16_field(blocks, 0) * q.astype(np.float32)
 
 
 def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
     q = _q5_codes(blocks[:, 4:8], blocks[:, 8:24])
-    return _f16(blocks, 0) * q.astype(np.float32) + _f16(blocks, 2)
+    return f16_field(blocks, 0) * q.astype(np.float32) + f16_field(blocks, 2)
 
 
 def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks, 0) * blocks[:, 2:34].view(np.int8).astype(np.float32)
+    return f16_field(blocks, 0) * blocks[:, 2:34].view(np.int8).astype(np.float32)
 
 
 # --- K-quants: 256-weight super-blocks of 16 or 32-weight sub-blocks ------------------
@@ -184,7 +184,7 @@ def _per_sub_block(values: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.nd
 def dequantize_q2_k(blocks: np.ndarray) -> np.ndarray:
     scales = blocks[:, 0:16]
     q = _k_halves(blocks[:, 16:80], _crumbs).astype(np.float32)
-    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    d, dmin = f16_field(blocks, 80), f16_field(blocks, 82)
     dl, q = _per_sub_block(d * (scales & 0x0F).astype(np.float32), q)
     ml = (dmin * (scales >> 4).astype(np.float32))[:, :, None]
     return (dl * q - ml).reshape(len(blocks), QK_K)
@@ -201,14 +201,14 @@ def dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     scale_low = (packed[:, i % 8] >> (4 * (i // 8)).astype(np.uint8)) & 0x0F
     scale_high = (packed[:, 8 + i % 4] >> (2 * (i // 4)).astype(np.uint8)) & 3
     scale = (scale_low | (scale_high << 4)).astype(np.int8) - np.int8(32)
-    dl, q = _per_sub_block(_f16(blocks, 108) * scale.astype(np.float32), q.astype(np.float32))
+    dl, q = _per_sub_block(f16_field(blocks, 108) * scale.astype(np.float32), q.astype(np.float32))
     return (dl * q).reshape(n, QK_K)
 
 
 def _dequantize_q45_k(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Shared tail of q4_K and q5_K: w = (d * sc) * q - (dmin * m) per 32-weight sub-block."""
     sc, m = _k_scale_min(blocks[:, 4:16])
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    d, dmin = f16_field(blocks, 0), f16_field(blocks, 2)
     dl, q = _per_sub_block(d * sc.astype(np.float32), q.astype(np.float32))
     ml = (dmin * m.astype(np.float32))[:, :, None]
     return (dl * q - ml).reshape(len(blocks), QK_K)
@@ -235,7 +235,7 @@ def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     high = _k_halves(blocks[:, 128:192], _crumbs)
     q = (low | (high << 4)).astype(np.int8) - np.int8(32)
     scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
-    dl, q = _per_sub_block(_f16(blocks, 208) * scales, q.astype(np.float32))
+    dl, q = _per_sub_block(f16_field(blocks, 208) * scales, q.astype(np.float32))
     return (dl * q).reshape(n, QK_K)
 
 

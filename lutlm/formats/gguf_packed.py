@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lutlm.formats import Checkpoint
-from lutlm.formats.ggml_quants import q4_codes, type_name
+from lutlm.formats.ggml_quants import f16_field, q4_codes, type_name
 from lutlm.formats.gguf import hf_name, open_gguf, unpermute_rotary
 from lutlm.formats.packed import PackedWeight, pack_planes
 
@@ -32,10 +32,10 @@ BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d (and m), then 16 bytes of nibbl
 
 def _block_constants(blocks: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes uint8 [n_blocks, 32], scale float32 [n_blocks], zero float32 [n_blocks])."""
-    d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16).astype(np.float32)[:, 0]
+    d = f16_field(blocks, 0)[:, 0]
     if kind == "Q4_0":
         return q4_codes(blocks[:, 2:18]), d, np.full_like(d, 8.0)
-    m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16).astype(np.float32)[:, 0]
+    m = f16_field(blocks, 2)[:, 0]
     codes = q4_codes(blocks[:, 4:20])
     constant = d == 0
     safe_d = np.where(constant, 1.0, d)
@@ -67,6 +67,8 @@ def pack_gguf_linears(checkpoint: Checkpoint) -> Checkpoint:
     if not (os.path.isfile(path) and checkpoint.tensor_types):
         raise ValueError(f"{path}: only a GGUF file's linears can be packed from their ggml blocks")
     config = checkpoint.config
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+             "self_attn.k_proj.weight": config.num_key_value_heads}
     packed = {}
     for tensor in open_gguf(path).tensors:
         name = hf_name(tensor.name)
@@ -75,8 +77,6 @@ def pack_gguf_linears(checkpoint: Checkpoint) -> Checkpoint:
             continue
         n, k = (int(d) for d in reversed(tensor.shape.tolist()))
         weight = pack_ggml_4bit(np.asarray(tensor.data), kind, (n, k))
-        heads = {"self_attn.q_proj.weight": config.num_attention_heads,
-                 "self_attn.k_proj.weight": config.num_key_value_heads}
         for suffix, n_heads in heads.items():
             if name.endswith(suffix):
                 rows = unpermute_rotary(torch.arange(n).unsqueeze(1), n_heads).squeeze(1)

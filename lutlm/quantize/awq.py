@@ -91,6 +91,12 @@ def group_output_error(hessian: torch.Tensor, group_size: int) -> Callable[[torc
     return error
 
 
+def scaled_layer(w: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer as it is quantized once 1 / scales is folded into its input's producer: weights
+    w * scales (columns) and the Hessian of the scaled inputs x / scales."""
+    return w.float() * scales, hessian / scales.view(-1, 1) / scales.view(1, -1)
+
+
 def quantize_awq(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -101,8 +107,7 @@ def quantize_awq(
 ) -> PackedWeight:
     """Quantize w * scales (columns) with clip ranges searched on the output error of the
     scaled inputs x / scales. The caller folds 1 / scales into the input's producer."""
-    scaled_w = w.float() * scales
-    scaled_h = hessian / scales.view(-1, 1) / scales.view(1, -1)
+    scaled_w, scaled_h = scaled_layer(w, hessian, scales)
     groups = grouped(scaled_w, group_size)
     grid = fit_clipped(groups, bits, symmetric, group_output_error(scaled_h, group_size))
     return to_packed(quantize(groups, grid, bits), grid, bits)
@@ -120,5 +125,4 @@ def quantize_awq_gptq(
 ) -> PackedWeight:
     """AWQ's scales, then GPTQ's rounding: GPTQ on w * scales (columns) with the Hessian of the
     scaled inputs x / scales. The caller folds 1 / scales into the input's producer."""
-    scaled_h = hessian / scales.view(-1, 1) / scales.view(1, -1)
-    return quantize_gptq(w.float() * scales, scaled_h, bits, group_size, symmetric, damp, act_order)
+    return quantize_gptq(*scaled_layer(w, hessian, scales), bits, group_size, symmetric, damp, act_order)
