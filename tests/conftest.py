@@ -38,11 +38,16 @@ def wikitext_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_model(bundled_path):
-    """llama.cpp on the bundled GGUF; tests using it are skipped when the peer is not installed."""
+def open_llama_cpp(path: str):
+    """llama.cpp on a GGUF; the calling test is skipped when the peer is not installed."""
     from lutlm import peer
 
     if not peer.available():
         pytest.skip("llama-cpp-python (the peer) is not installed: pip install -e '.[peer]'")
-    return peer.LlamaCpp(bundled_path, n_ctx=512, n_threads=2)
+    return peer.LlamaCpp(path, n_ctx=512, n_threads=2)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_model(bundled_path):
+    """llama.cpp on the bundled GGUF."""
+    return open_llama_cpp(bundled_path)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from conftest import open_llama_cpp
 from lutlm.generate import Generator, SamplingParams
 from lutlm.perplexity import model_perplexity, read_text, score_chunks
 
@@ -120,9 +121,7 @@ def agreement(ours, theirs, tokenizer, wikitext_path) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def llama_cpp_f32(f32_gguf):
     """llama.cpp on the bundled model's weights as an F32 GGUF."""
-    from lutlm import peer
-
-    return peer.LlamaCpp(f32_gguf, n_ctx=512, n_threads=2)
+    return open_llama_cpp(f32_gguf)
 
 
 def lutlm_logits(bundled):
