@@ -1,6 +1,6 @@
-/* The per-q-block float epilogue of 8 rows, shared by the AVX2 table-lookup kernels and
- * the AVX2 dequantize baseline (the same formula as epilogue_avx512.h). Include after the
- * file's `#pragma GCC target`.
+/* Float code shared by the AVX2 table-lookup kernels and the AVX2 dequantize baseline:
+ * horizontal reductions, and the per-q-block epilogue of 8 rows (the same formula as
+ * epilogue_avx512.h). Include after the file's `#pragma GCC target`.
  *
  *     out += s * (sum * unit * factor + (mid - z) * xsum)
  *
@@ -17,6 +17,18 @@
 #include "internal.h"
 
 namespace {
+
+inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 
 /* For the 8 rows of half h (rows 8h .. 8h + 7 of the tile) of q-block qb in group gi. */
 inline __m256 epilogue(const Geometry *g, const uint16_t *tile_scales, const uint8_t *act, int64_t qb, int64_t gi,

@@ -62,13 +62,14 @@ void build_act(const Geometry *g, const float *x, uint8_t *act) {
                 amax = _mm256_max_ps(amax, _mm256_and_ps(t, abs_mask));
             }
         }
-        float m8[8], s = 0.0f, m = 0.0f;
-        _mm256_storeu_ps(m8, amax);
-        for (int i = 0; i < 8; i++) m = m8[i] > m ? m8[i] : m;
-        for (int64_t i = 0; i < w->q_block; i++) s += xb[i];
+        /* Eight running sums: one scalar chain of q_block dependent adds took as long as
+         * building the tables. */
+        __m256 sums = _mm256_setzero_ps();
+        for (int64_t i = 0; i < w->q_block; i += 8) sums = _mm256_add_ps(sums, _mm256_loadu_ps(xb + i));
+        const float m = hmax(amax);
         const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
         scale[qb] = m / 127.0f;
-        xsum[qb] = s;
+        xsum[qb] = hsum(sums);
         for (int64_t c = 0; c < per_block; c++) {
             const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(block_tables[c][0], inv));
             const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(block_tables[c][1], inv));
