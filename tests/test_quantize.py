@@ -38,19 +38,26 @@ def random_weight(n: int, k: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, None])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_rtn_error_is_within_half_a_step(bits, group_size, symmetric):
+def test_rtn_rounds_to_nearest_on_a_grid_no_worse_than_min_max(bits, group_size, symmetric):
     n, k = 24, 192
     w = random_weight(n, k)
     g = group_size or k
     packed = quantize_rtn(w, bits, g, symmetric)
-    assert packed.codes().max() < 2**bits
+    codes = packed.codes().float()
+    assert codes.max() < 2**bits
     s = packed.scales.float().repeat_interleave(g, dim=1)
     z = packed.zeros.float().repeat_interleave(g, dim=1)
-    # A min/max grid puts every weight within half a step s/2 of a code. The fp16 rounding of
-    # s and z (relative FP16_EPS each) can move the grid's ends, by at most s * FP16_EPS *
-    # (2^b - 1 + 2|z|), which bounds how far the extreme weights may fall outside it.
-    bound = s * (0.5 + FP16_EPS * (2**bits - 1 + 2 * z.abs())) + 1e-9
-    assert ((packed.dequantize() - w).abs() <= bound).all()
+    # Every weight takes the nearest code on the stored (fp16) grid, the end code beyond it.
+    assert torch.equal(codes, torch.clamp(torch.round(w / s + z), 0, 2**bits - 1))
+    # The grid (clipped, then refitted) is chosen per group among candidates that include
+    # the min/max grid, so no group's squared error exceeds the min/max grid's (up to the
+    # float32 rounding of computing it two ways).
+    groups = grid.grouped(w, g)
+    minmax = grid.fit_minmax(groups, bits, symmetric)
+    err_minmax = grid.rounding_error(groups, minmax, bits).square().sum(-1)
+    err = grid.grouped(packed.dequantize() - w, g).square().sum(-1)
+    assert (err <= err_minmax * (1 + 1e-5) + 1e-12).all()
+    assert err.sum() < err_minmax.sum()
     if symmetric:
         assert bool((packed.zeros == (2**bits - 1) / 2).all())
 
@@ -77,18 +84,34 @@ def test_clip_search_is_never_worse_than_the_full_range():
     assert err_clipped.sum() < 0.9 * err_full.sum()  # at 2 bits clipping Gaussian tails pays
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_least_squares_refit_is_never_worse(symmetric):
+    w = grid.grouped(random_weight(64, 256), 64)
+    weight = torch.rand(64)
+
+    def error(diff):
+        return (diff.square() * weight).sum(-1, keepdim=True)
+
+    start = grid.fit_minmax(w, 3, symmetric)
+    refined = grid.refine_least_squares(w, start, 3, symmetric, weight, error)
+    err_start, err_refined = error(grid.rounding_error(w, start, 3)), error(grid.rounding_error(w, refined, 3))
+    assert (err_refined <= err_start).all()
+    assert err_refined.sum() < 0.9 * err_start.sum()
+    if symmetric:
+        assert torch.equal(refined.zero, start.zero)
+
+
 # ---- GPTQ ----
 
 @pytest.mark.parametrize("group_size", [32, 96])
 def test_gptq_with_uncorrelated_inputs_rounds_to_nearest(group_size):
-    # With H = I no column's error can be compensated by another: GPTQ must reduce to
-    # rounding to nearest on its own grid (each group's squared-error clipped grid).
+    # With H = I no column's error can be compensated by another, and every column weighs the
+    # same: GPTQ must reduce to RTN, on the same grids (clipped, then refitted).
     w = random_weight(40, 192)
     gptq = quantize_gptq(w, torch.eye(192), 3, group_size)
-    groups = grid.grouped(w, group_size)
-    fitted = grid.fit_clipped(groups, 3, False)
-    nearest = grid.to_packed(grid.quantize(groups, fitted, 3), fitted, 3)
+    nearest = quantize_rtn(w, 3, group_size)
     assert torch.equal(gptq.planes, nearest.planes) and torch.equal(gptq.scales, nearest.scales)
+    assert torch.equal(gptq.zeros, nearest.zeros)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

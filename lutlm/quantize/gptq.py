@@ -10,8 +10,9 @@ Steps, as in the reference implementation:
   4. Columns are processed in blocks (lazy batch updates): later blocks receive one
      matrix product per block instead of one rank-1 update per column.
 
-Group grids: without activation order a group's grid is fitted when its first column is
-reached, on the weights as updated so far; blocks are whole groups, so the group's
+Group grids: the squared-error clipped grid (grid.fit_clipped), refitted to its codes by
+least squares weighted by each column's H[k, k] (grid.refine_least_squares). Without
+activation order a group's grid is fitted when its first column is reached, on the weights as updated so far; blocks are whole groups, so the group's
 columns are up to date at that moment. With activation order (columns by decreasing
 H[k, k]) the columns of a group are no longer visited together, so every group's grid is
 fitted up front on the original weights ("static groups"); this keeps groups contiguous
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lutlm.formats.packed import PackedWeight
-from lutlm.quantize.grid import Grid, fit_clipped, grouped, to_packed, top_code
+from lutlm.quantize.grid import Grid, fit_clipped, grouped, refine_least_squares, to_packed, top_code
 
 BLOCK_COLUMNS = 128
 
@@ -64,10 +65,20 @@ def quantize_gptq(
     scale = torch.zeros(n, n_groups, 1)
     zero = torch.zeros(n, n_groups, 1)
     fit_up_front = act_order or group_size == k
+    importance = torch.diag(h)  # column k's weight in the layer's output error, cross terms aside
+
+    def fit(groups: torch.Tensor, weights: torch.Tensor) -> Grid:
+        """The clipped grid, refitted by least squares weighted by the columns' H[k, k]."""
+        def weighted_error(diff):
+            return (diff.square_() * weights).sum(-1, keepdim=True)
+
+        return refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric, weights,
+                                    weighted_error)
+
     if fit_up_front:
-        grid = fit_clipped(grouped(w, group_size), bits, symmetric)
+        grid = fit(grouped(w, group_size), importance.view(-1, group_size))
         scale, zero = grid.scale, grid.zero
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    order = torch.argsort(importance, descending=True) if act_order else torch.arange(k)
     w = w[:, order]
     h = h[order][:, order]
     u = inverse_hessian_factor(h, damp)
@@ -84,7 +95,7 @@ def quantize_gptq(
             column = int(order[i1 + j])
             g = column // group_size
             if not fit_up_front and column % group_size == 0:
-                fitted = fit_clipped(w1[:, j : j + group_size], bits, symmetric)
+                fitted = fit(w1[:, j : j + group_size], importance[column : column + group_size])
                 scale[:, g], zero[:, g] = fitted.scale, fitted.zero
             s, z = scale[:, g, 0], zero[:, g, 0]
             q = torch.clamp(torch.round(w1[:, j] / s + z), 0, top)

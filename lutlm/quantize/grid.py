@@ -11,6 +11,9 @@ and one fp16 zero z in code units (lutlm.formats.packed): w ~ s * (q - z).
 [lo, hi] (or max|w|) is the group's range shrunk by a clip ratio; `fit_clipped` picks the
 ratio per group that minimizes an error measure (plain squared error by default, as in
 GPTQ's `mse` option and llama.cpp's scale search; AWQ passes an activation-weighted one).
+A grid need not span any range: `refine_least_squares` then alternates rounding with a
+least-squares fit of scale and offset to the codes, as llama.cpp's k-quants do
+(make_qkx2_quants), keeping a group's new grid only where it lowers the error.
 Codes are always rounded against the fp16-rounded s and z, the values actually stored,
 so what a quantizer minimizes is exactly what the kernels compute.
 """
@@ -124,6 +127,48 @@ def fit_clipped(
     for step in (CLIP_REFINE, -CLIP_REFINE):
         consider((coarse + step).clamp(max=1.0))
     return grid_for_range(lo, hi, bits, symmetric, best_ratio)
+
+
+REFINE_ROUNDS = 4
+
+
+def refine_least_squares(
+    w: torch.Tensor,
+    grid: Grid,
+    bits: int,
+    symmetric: bool,
+    importance: torch.Tensor | None = None,
+    error: Callable[[torch.Tensor], torch.Tensor] = squared_error,
+    rounds: int = REFINE_ROUNDS,
+) -> Grid:
+    """Improve `grid` for groups w [..., G]: round, then fit w ~ s * (q - z) by least squares
+    weighted by `importance` (broadcastable to w; default 1), s and z both (symmetric: s
+    alone), repeated `rounds` times. A group takes a fitted grid only where
+    `error(dequantized - w)` drops, so the result is never worse than `grid` by that measure."""
+    def weighted_sum(t: torch.Tensor) -> torch.Tensor:
+        return (t if importance is None else t * importance).sum(-1, keepdim=True)
+
+    sw, sx = weighted_sum(torch.ones_like(w)), weighted_sum(w)
+    best, best_err = grid, error(rounding_error(w, grid, bits))
+    for _ in range(rounds):
+        q = quantize(w, best, bits)
+        sq, sqq, sqx = weighted_sum(q), weighted_sum(q * q), weighted_sum(q * w)
+        if symmetric:  # w ~ s (q - z), z fixed
+            z = best.zero
+            scale = (sqx - z * sx) / (sqq - 2 * z * sq + z * z * sw)
+            offset = -scale * z
+        else:  # the normal equations of w ~ s q + m
+            scale = (sw * sqx - sq * sx) / (sw * sqq - sq * sq)
+            offset = (sx - scale * sq) / sw
+        usable = torch.isfinite(scale) & (scale > MIN_SCALE) & (offset.abs() <= MAX_ZERO * scale)
+        scale = as_fp16(torch.where(usable, scale, best.scale))
+        zero = best.zero if symmetric else torch.where(usable, as_fp16(-offset / scale), best.zero)
+        candidate = Grid(scale, zero)
+        err = error(rounding_error(w, candidate, bits))
+        better = err < best_err
+        best = Grid(torch.where(better, scale, best.scale), torch.where(better, zero, best.zero))
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Round-to-nearest (RTN): each group's grid spans its min and max, each weight takes the
-nearest code on it. No calibration data; the baseline that AWQ and GPTQ improve on.
+"""Round-to-nearest (RTN): each weight takes the nearest code on its group's grid. No
+calibration data; the baseline that AWQ and GPTQ improve on.
 
-The grid is not clipped to minimize the weights' squared error: on SmolLM2-135M that made
-perplexity worse (4-bit g64, first 4 chunks of WikiText-2: 31.4 clipped, 30.4 min/max),
-because weight error treats the largest weights, which matter most, like any other.
+The grid is the group's range clipped to the least squared error (grid.fit_clipped), then
+refitted to its codes by least squares (grid.refine_least_squares), as llama.cpp's k-quants
+fit theirs. On SmolLM2-135M (16 chunks of WikiText-2, as `lutlm bench ppl` scores) that
+took perplexity from 41.0 with the plain min/max grid to 36.5 at 4-bit g64, and from 46.1
+to 42.5 at g128; the clip search alone gave 41.3 and 44.7.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from lutlm.formats.packed import PackedWeight
-from lutlm.quantize.grid import fit_minmax, grouped, quantize, to_packed
+from lutlm.quantize.grid import fit_clipped, grouped, quantize, refine_least_squares, to_packed
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> PackedWeight:
     """w float [N, K] -> packed b-bit weight with one grid per group of `group_size` inputs."""
     groups = grouped(w.float(), group_size)
-    grid = fit_minmax(groups, bits, symmetric)
+    grid = refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric)
     return to_packed(quantize(groups, grid, bits), grid, bits)
