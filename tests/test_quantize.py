@@ -69,13 +69,14 @@ def test_grid_of_a_constant_or_zero_group_is_finite():
     assert torch.allclose(packed.dequantize(), w, atol=1e-3 * 0.3)
 
 
+def weighted_squared_error(weight: torch.Tensor):
+    """error(diff [..., G]) -> [..., 1]: squared error with a per-input importance `weight` [G]."""
+    return lambda diff: (diff.square() * weight).sum(-1, keepdim=True)
+
+
 def test_clip_search_is_never_worse_than_the_full_range():
     w = grid.grouped(random_weight(64, 256), 64)
-    weight = torch.rand(64)  # any per-weight importance, as AWQ's activation weighting
-
-    def error(diff):
-        return (diff.square() * weight).sum(-1, keepdim=True)
-
+    error = weighted_squared_error(torch.rand(64))  # any per-weight importance, as AWQ's activation weighting
     full = grid.fit_minmax(w, 2, False)
     clipped = grid.fit_clipped(w, 2, False, error)
     err_full = error(grid.dequantize(grid.quantize(w, full, 2), full) - w)
@@ -88,12 +89,9 @@ def test_clip_search_is_never_worse_than_the_full_range():
 def test_least_squares_refit_is_never_worse(symmetric):
     w = grid.grouped(random_weight(64, 256), 64)
     weight = torch.rand(64)
-
-    def error(diff):
-        return (diff.square() * weight).sum(-1, keepdim=True)
-
+    error = weighted_squared_error(weight)  # what the refit accepts against, by default
     start = grid.fit_minmax(w, 3, symmetric)
-    refined = grid.refine_least_squares(w, start, 3, symmetric, weight, error)
+    refined = grid.refine_least_squares(w, start, 3, symmetric, weight)
     err_start, err_refined = error(grid.rounding_error(w, start, 3)), error(grid.rounding_error(w, refined, 3))
     assert (err_refined <= err_start).all()
     assert err_refined.sum() < 0.9 * err_start.sum()

@@ -72,7 +72,8 @@ def scored_row(engine, variant, method, bits, group, bpw, result: PerplexityResu
 
 def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool,
                   act_order: bool = False) -> list[QuantConfig]:
-    configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True, act_order=act_order and m in GPTQ_METHODS)
+    configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True,
+                           act_order=act_order and m in GPTQ_METHODS)
                for g in groups for b in bits for m in methods]
     return ([QuantConfig(method="ternary")] if ternary else []) + configs
 
@@ -84,7 +85,8 @@ def run(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     bits = [int(b) for b in args.bits.split(",") if b]
     groups = [int(g) for g in args.groups.split(",") if g]
-    configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order)  # refuses bad requests before work
+    # Built first: a bad request is refused before any work.
+    configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order)
     use_peer = peer.available() and not args.no_peer
     args.max_chunks = args.max_chunks or None
     torch.set_num_threads(args.threads)

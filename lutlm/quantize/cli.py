@@ -84,8 +84,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--symmetric", action="store_true", help="grid symmetric about 0 (no zero-point term)")
     p.add_argument("--ternary-group", type=int, help="ternary: one absmean scale per group of this many inputs "
                                                       "(default: one per tensor)")
-    p.add_argument("--act-order", action="store_true", help="gptq, awq-gptq: quantize columns by decreasing activation energy")
-    p.add_argument("--damp", type=float, default=0.01, help="gptq, awq-gptq: Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq, awq-gptq: quantize columns by decreasing activation energy")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="gptq, awq-gptq: Hessian damping, fraction of its mean diagonal")
     p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: kept in float)")
     p.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), default="float16",
                    help="storage of the float matrices kept (embedding, float lm_head)")

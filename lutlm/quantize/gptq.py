@@ -12,8 +12,9 @@ Steps, as in the reference implementation:
 
 Group grids: the squared-error clipped grid (grid.fit_clipped), refitted to its codes by
 least squares weighted by each column's H[k, k] (grid.refine_least_squares). Without
-activation order a group's grid is fitted when its first column is reached, on the weights as updated so far; blocks are whole groups, so the group's
-columns are up to date at that moment. With activation order (columns by decreasing
+activation order a group's grid is fitted when its first column is reached, on the
+weights as updated so far; blocks are whole groups, so the group's columns are up to date
+at that moment. With activation order (columns by decreasing
 H[k, k]) the columns of a group are no longer visited together, so every group's grid is
 fitted up front on the original weights ("static groups"); this keeps groups contiguous
 in the original column order, which the packed format requires.
@@ -69,11 +70,7 @@ def quantize_gptq(
 
     def fit(groups: torch.Tensor, weights: torch.Tensor) -> Grid:
         """The clipped grid, refitted by least squares weighted by the columns' H[k, k]."""
-        def weighted_error(diff):
-            return (diff.square_() * weights).sum(-1, keepdim=True)
-
-        return refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric, weights,
-                                    weighted_error)
+        return refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric, weights)
 
     if fit_up_front:
         grid = fit(grouped(w, group_size), importance.view(-1, group_size))

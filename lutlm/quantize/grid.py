@@ -138,15 +138,20 @@ def refine_least_squares(
     bits: int,
     symmetric: bool,
     importance: torch.Tensor | None = None,
-    error: Callable[[torch.Tensor], torch.Tensor] = squared_error,
+    error: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rounds: int = REFINE_ROUNDS,
 ) -> Grid:
     """Improve `grid` for groups w [..., G]: round, then fit w ~ s * (q - z) by least squares
     weighted by `importance` (broadcastable to w; default 1), s and z both (symmetric: s
     alone), repeated `rounds` times. A group takes a fitted grid only where
-    `error(dequantized - w)` drops, so the result is never worse than `grid` by that measure."""
+    `error(dequantized - w)` drops (by default the squared error weighted as the fit is), so
+    the result is never worse than `grid` by that measure."""
     def weighted_sum(t: torch.Tensor) -> torch.Tensor:
         return (t if importance is None else t * importance).sum(-1, keepdim=True)
+
+    if error is None:
+        def error(diff: torch.Tensor) -> torch.Tensor:
+            return weighted_sum(diff.square_())
 
     sw, sx = weighted_sum(torch.ones_like(w)), weighted_sum(w)
     best, best_err = grid, error(rounding_error(w, grid, bits))
