@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from lutlm.fast_decode import fast_decoder_for
+from lutlm.gpu_decode import gpu_decoder_for
 from lutlm.model import Transformer
 from lutlm.tokenizer import Tokenizer
 
@@ -93,7 +94,8 @@ class Generator:
         # Token ids go where the model runs, which its rotary table shows (CPU for stand-ins without one).
         self.device = getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
         self._cached: list[int] = []  # tokens whose keys and values sit in the cache
-        self.fast_decoder = fast_decoder_for(model)  # one-token steps without PyTorch ops, where supported
+        # One-token steps without PyTorch's per-operation overhead, where supported.
+        self.fast_decoder = fast_decoder_for(model) or gpu_decoder_for(model)
         self.stats = GenerationStats()
 
     def _run(self, tokens: list[int], start_pos: int) -> torch.Tensor:

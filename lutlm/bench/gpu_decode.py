@@ -7,16 +7,19 @@ packed at 4 and 2 bits in groups of 128, each against its fp16 twin. Embeddings,
 the output head stay fp16 in every variant; only the linears change.
 
 A decode step is one token at context position `--position` (its KV cache allocated up to
-there), captured once in a CUDA graph and replayed, so that the Python launcher stays out of
-the figure; tokens/s = 1 / step time. Where the bundled model and its GGUF reader are
-installed, it is also quantized (RTN, 4 bits, groups of 64), generates greedily through
-lutlm.generate on the GPU (eagerly, so launch-bound), and its tokens are compared with the
-reference backend's on the CPU.
+there) through lutlm.gpu_decode, which captures it once in a CUDA graph and replays it, so
+that the Python launcher stays out of the figure; tokens/s = 1 / step time. Each row also
+gives the step's products alone (their share of the step) and the same step through
+model.forward, graph-replayed too (the path before lutlm.gpu_decode). Where the bundled model
+and its GGUF reader are installed, it is also quantized (RTN, 4 bits, groups of 64), generates
+greedily through lutlm.generate on the GPU, and its tokens are compared with the reference
+backend's on the CPU.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,12 +52,30 @@ def to_gpu_fp16(model):
 
 
 @torch.inference_mode()
-def decode_step_us(model, position: int) -> tuple[float, float, float]:
+def decode_step_us(model, position: int) -> dict:
+    """Step times in microseconds, each (median, p25, p75): through lutlm.gpu_decode (the
+    headline), its products alone, and through model.forward, each replayed from a CUDA graph."""
+    from lutlm.gpu_decode import GpuDecoder
     from lutlm.kernels.gpu_tuning import time_calls
 
     model.setup_cache(1, position + 1)
     token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
-    return time_calls([lambda: model(token, position, last_logits_only=True)], launches=8, repeats=10)
+    forward = time_calls([lambda: model(token, position, last_logits_only=True)], launches=8, repeats=10)
+    decoder = GpuDecoder(model)
+    decoder(7, position)  # captures the step's graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(10):
+        start.record()
+        for _ in range(8):
+            decoder.graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / 8)
+    q = statistics.quantiles(samples, n=4)
+    products = time_calls([decoder.products_only], launches=8, repeats=10)
+    del decoder
+    return {"decoder": (statistics.median(samples), q[0], q[2]), "products": products, "forward": forward}
 
 
 def random_model(config: ModelConfig):
@@ -121,7 +142,7 @@ def bundled_generation(tokens: int) -> dict:
     same = next((i for i, (a, b) in enumerate(zip(gpu_ids, cpu_ids)) if a != b), min(len(gpu_ids), len(cpu_ids)))
     return {
         "model": checkpoint.config.name or "SmolLM2-135M", "weights": "lutlm 4-bit g64 (RTN)",
-        "prompt_tokens": len(prompt), "eager_decode_tokens_per_s": round(gpu_gen.stats.decode_tokens_per_second, 1),
+        "prompt_tokens": len(prompt), "decode_tokens_per_s": round(gpu_gen.stats.decode_tokens_per_second, 1),
         "text": tokenizer.decode(gpu_ids), "tokens_equal_to_cpu_reference": same, "tokens": len(gpu_ids),
     }
 
@@ -137,20 +158,27 @@ def run(args) -> dict:
     except (ImportError, FileNotFoundError) as e:  # the bundled model or its GGUF reader is not installed
         generation = {"skipped": str(e)}
     for r in rows:
-        median, p25, p75 = r.pop("step_us")
+        times = r.pop("step_us")
+        median, p25, p75 = times["decoder"]
         r.update(step_us=round(median, 1), step_us_p25=round(p25, 1), step_us_p75=round(p75, 1),
-                 tokens_per_s=round(1e6 / median, 1))
+                 tokens_per_s=round(1e6 / median, 1), products_us=round(times["products"][0], 1),
+                 products_share=round(times["products"][0] / median, 3),
+                 forward_step_us=round(times["forward"][0], 1),
+                 forward_products_share=round(times["products"][0] / times["forward"][0], 3))
     for r in rows:
         fp16 = next(f for f in rows if f["model"] == r["model"] and f["weights"] == "fp16 (torch)")
         r["speedup_vs_fp16"] = round(fp16["step_us"] / r["step_us"], 2)
     result = {"device": torch.cuda.get_device_name(), "position": args.position,
-              "timing": "median of 10 CUDA-graph replays of 8 decode steps; p25/p75 give the spread",
+              "timing": "median of 10 timings of 8 CUDA-graph replays of a decode step (lutlm.gpu_decode); "
+                        "p25/p75 give the spread. forward_step_us: the same step through model.forward, "
+                        "also graph-replayed; products_us: the step's matrix products alone",
               "decode": rows, "generation": generation}
     out = args.out or Path("benchmarks/results") / f"gpu_decode_{device_slug()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
         print(f"{r['model']:40s} {r['weights']:24s} {r['step_us']:9.1f} us/token {r['tokens_per_s']:8.1f} tok/s "
-              f"x{r['speedup_vs_fp16']:.2f} vs fp16")
+              f"x{r['speedup_vs_fp16']:.2f} vs fp16; products {100 * r['products_share']:.0f}% of the step "
+              f"(model.forward: {r['forward_step_us']:.1f} us, {100 * r['forward_products_share']:.0f}%)")
     print(f"bundled model, greedy on the GPU: {generation}")
     return result

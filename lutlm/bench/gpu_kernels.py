@@ -23,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 MODEL_SHAPES = {  # (out, in) of each distinct linear
-    "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
+    "llama2-7b": {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008),
+                  # q, k, v and gate, up stacked by rows, as lutlm.gpu_decode multiplies them
+                  "qkv_stacked": (12288, 4096), "gate_up_stacked": (22016, 4096)},
     "llama3-8b": {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)},
     "llama2-70b": {"q_o": (8192, 8192), "k_v": (1024, 8192), "gate_up": (28672, 8192), "down": (8192, 28672)},
 }

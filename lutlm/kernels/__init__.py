@@ -12,6 +12,7 @@ A backend is a module with three functions:
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 BACKENDS = {
@@ -19,6 +20,11 @@ BACKENDS = {
     "cpu": "lutlm.kernels.cpu",
     "cuda": "lutlm.kernels.gpu",
 }
+
+
+def interpreter_enabled() -> bool:
+    """Triton kernels run on the CPU through Triton's interpreter (how CI tests the GPU code)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def get_backend(name: str) -> ModuleType:

@@ -8,18 +8,13 @@ Without a GPU the same kernels run on the CPU through Triton's interpreter
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from lutlm.formats.packed import PackedWeight
-from lutlm.kernels import gpu_dequant, gpu_lut, gpu_tuning
+from lutlm.kernels import gpu_dequant, gpu_lut, gpu_tuning, interpreter_enabled
 from lutlm.kernels.gpu_tuning import Plan
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:

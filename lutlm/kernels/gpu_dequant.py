@@ -4,11 +4,10 @@ unpacked in registers, never written back as floats, except on the dense path be
 Three ways to multiply, over one layout; the dispatcher (lutlm.kernels.gpu) picks per shape and
 batch from its tuning table:
 
-* the dp4a GEMV (a few tokens, one a program): ``_quantize_activations_kernel``
-  rounds the activations to int8 per kernel group (absmax / 127, as llama.cpp's CUDA GEMV
-  does), then ``_dp4a_gemv_kernel`` multiplies them with the weight codes four at a time by
-  the byte dot product ``dp4a`` (one instruction for four multiply-adds; unpacking is one shift
-  and one AND per four codes).
+* the dp4a GEMV (a few tokens, one a program), ``_dp4a_gemv_kernel``: one launch that rounds
+  the fp16 activations to int8 per kernel group (absmax / 127, as llama.cpp's CUDA GEMV does)
+  and multiplies them with the weight codes four at a time by the byte dot product ``dp4a``
+  (one instruction for four multiply-adds; unpacking is one shift and one AND per four codes).
   Under Triton's interpreter (no GPU) ``dp4a`` is emulated byte by byte.
 * the tensor-core GEMM (``_dequant_gemm_kernel``, 16 tokens and more): each word is read once,
   its codes spread into an fp16 tile that is scaled in registers and fed to ``tl.dot``.
@@ -41,12 +40,13 @@ tests/test_kernels_gpu.py asserts exactly this bound.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from lutlm.kernels import interpreter_enabled
 
 STREAMS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}
 K_MULTIPLE = 128  # Kp: whole words of every stream and whole GEMM steps
@@ -120,55 +120,41 @@ def _dp4a(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_activations_kernel(x_ptr, xq_ptr, dx_ptr, xsum_ptr, K, padded_k, stride_xm,
-                                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
-    """x fp16 [M, K] -> int8 xq [M, Kp] (absmax / 127 per group, zero past K), the step dx and
-    the sum of the int8 values per group, both fp32 [M, Kp // GROUP]. Grid: (M, group blocks)."""
-    m = tl.program_id(0)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    group_mask = groups < padded_k // GROUP
-    k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    x = tl.load(x_ptr + m * stride_xm + k, mask=group_mask[:, None] & (k < K), other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = tl.floor(x * inv[:, None] + 0.5)
-    tl.store(xq_ptr + m * padded_k + k, q.to(tl.int8), mask=group_mask[:, None])
-    groups_per_row = padded_k // GROUP
-    tl.store(dx_ptr + m * groups_per_row + groups, amax / 127.0, mask=group_mask)
-    tl.store(xsum_ptr + m * groups_per_row + groups, tl.sum(q, axis=1), mask=group_mask)
-
-
-@triton.jit
-def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, xq_row, WIDTH: tl.constexpr, GROUP: tl.constexpr,
-                EMULATE: tl.constexpr):
+def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, x_row, K, inv, WIDTH: tl.constexpr,
+                GROUP: tl.constexpr, EMULATE: tl.constexpr):
     """sum over each group's weights of code * int8 activation, for one word stream: [rows, groups].
 
-    The four activations that meet the bytes of (word t >> WIDTH * i) are k = t * P + 4 * i + j,
-    which is int32 number t * P / 4 + i of the int8 activations read as int32.
+    The four activations that meet the bytes of (word t >> WIDTH * i) are k = t * P + 4 * i + j;
+    they are rounded to int8 (x * inv, inv = 127 / amax of the group) and packed into one int32.
     """
     P: tl.constexpr = 32 // WIDTH
     WORDS: tl.constexpr = GROUP // P  # words of a row in one group
     MASK: tl.constexpr = ((1 << WIDTH) - 1) * 0x01010101
     t = tl.arange(0, WORDS)
+    j = tl.arange(0, 4)
     word_index = groups[:, None] * WORDS + t[None, :]
     words = tl.load(w_ptr + rows[:, None, None] * words_per_row + word_index[None, :, :], mask=row_mask[:, None, None],
                     other=0)
     acc = tl.zeros(words.shape, dtype=tl.int32)
     for i in tl.static_range(P // 4):
-        xw = tl.load(xq_row + word_index * (P // 4) + i)
+        k = word_index[:, :, None] * P + 4 * i + j[None, None, :]
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.floor(x * inv[:, None, None] + 0.5).to(tl.int32)
+        xw = tl.sum((q & 0xFF) << (8 * j)[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
         acc = _dp4a((words >> (WIDTH * i)) & MASK, xw[None, :, :], acc, EMULATE)
     return tl.sum(acc, axis=2)
 
 
 @triton.jit
-def _dp4a_gemv_kernel(xq_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, dx_ptr, xsum_ptr, y_ptr, N, total_groups, stride_ym,
+def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, total_groups, stride_xm, stride_ym,
                       WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] w[n, k] from int8 activations (``_quantize_activations_kernel``).
-    Grid: (row blocks, batch rows, K splits).
+    """y[m, n] = sum_k x[m, k] w[n, k]. Grid: (row blocks, batch rows, K splits).
 
-    A step covers BLOCK_G groups: integer dot products by dp4a, then per group
-    s * dx * (sum q x_q - z * sum x_q).
+    A step covers BLOCK_G groups: the activations of each group are rounded to int8 (absmax / 127),
+    multiplied with the codes by dp4a, and the group adds s * dx * (sum q x_q - z * sum x_q).
+    Every row block rounds the same activations again: a few operations per activation, far
+    cheaper than a second launch that would round them once.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -176,7 +162,7 @@ def _dp4a_gemv_kernel(xq_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, dx_ptr, xsum_ptr, y_
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     padded_k = total_groups * GROUP
-    xq_row = xq_ptr + m * (padded_k // 4)
+    x_row = x_ptr + m * stride_xm
     steps = tl.cdiv(total_groups, BLOCK_G)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
@@ -186,20 +172,25 @@ def _dp4a_gemv_kernel(xq_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, dx_ptr, xsum_ptr, y_
         groups = step * BLOCK_G + tl.arange(0, BLOCK_G)
         group_mask = groups < total_groups
         groups = tl.where(group_mask, groups, 0)  # past the end: read group 0, scaled by zero below
-        qx = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, xq_row, WIDTH0, GROUP, EMULATE)
+        k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+        x_sum = tl.sum(tl.floor(x * inv[:, None] + 0.5), axis=1)
+        dx = tl.where(group_mask, amax / 127.0, 0.0)
+        qx = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, x_row, K, inv, WIDTH0, GROUP,
+                         EMULATE)
         if WIDTH1 > 0:
-            qx += _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, xq_row, WIDTH1, GROUP,
-                              EMULATE) << WIDTH0
-        dx = tl.load(dx_ptr + m * total_groups + groups, mask=group_mask, other=0.0)
-        x_sum = tl.load(xsum_ptr + m * total_groups + groups)
+            qx += _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, x_row, K, inv, WIDTH1,
+                              GROUP, EMULATE) << WIDTH0
         sz_offsets = groups[None, :] * N + rows[:, None]
         s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
         acc += s * dx[None, :] * (qx.to(tl.float32) - z * x_sum[None, :])
     out = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + m * stride_ym + rows
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, out, mask=row_mask)
+    if SPLIT_K > 1:  # into a zeroed output
+        tl.atomic_add(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_mask)
     else:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
@@ -333,24 +324,19 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> tor
         grid = (triton.cdiv(n, config.block_n), layout.padded_in_features // config.block_k)
         _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, BLOCK_K=config.block_k, **meta)
         return torch.matmul(x, w.t())
+    if config.block_m == 1:
+        # One launch, or a memset and one launch where split-K programs add into y atomically.
+        y = (torch.zeros if config.split_k > 1 else torch.empty)(m, n, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(n, config.block_n), m, config.split_k)
+        _dp4a_gemv_kernel[grid](x, *weights, y, n, k, layout.scales.shape[0], x.stride(0), y.stride(0),
+                                BLOCK_G=max(1, config.block_k // layout.group), SPLIT_K=config.split_k,
+                                EMULATE=interpreter_enabled(), **meta)
+        return y
     if config.split_k > 1:  # split-K programs add fp32 partial sums atomically
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config.block_m == 1:
-        padded_k, groups = layout.padded_in_features, layout.scales.shape[0]
-        xq = torch.empty(m, padded_k, device=x.device, dtype=torch.int8)
-        dx = torch.empty(m, groups, device=x.device, dtype=torch.float32)
-        x_sum = torch.empty(m, groups, device=x.device, dtype=torch.float32)
-        quantize_groups = max(1, 1024 // layout.group)
-        _quantize_activations_kernel[(m, triton.cdiv(groups, quantize_groups))](
-            x, xq, dx, x_sum, k, padded_k, x.stride(0), GROUP=layout.group, BLOCK_G=quantize_groups)
-        grid = (triton.cdiv(n, config.block_n), m, config.split_k)
-        _dp4a_gemv_kernel[grid](xq.view(torch.int32), *weights, dx, x_sum, y, n, groups, y.stride(0),
-                                BLOCK_G=max(1, config.block_k // layout.group), SPLIT_K=config.split_k,
-                                EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **meta)
-    else:
-        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-        _dequant_gemm_kernel[grid](x, *weights, y, m, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
-                                   BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k, **meta)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    _dequant_gemm_kernel[grid](x, *weights, y, m, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
+                               BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k, **meta)
     return y.to(x.dtype)

@@ -85,8 +85,9 @@ def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
 def candidates(batch: int) -> list[Plan]:
     """The configurations worth timing for a batch size (each costs a compile)."""
     gemv = [Plan("dequant", DequantConfig(block_n=bn, block_m=1, block_k=bk, split_k=sk, num_warps=w))
-            for bn, bk, sk, w in ((16, 128, 1, 2), (32, 128, 1, 4), (32, 256, 1, 4), (16, 128, 4, 2),
-                                  (32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4))]
+            for bn, bk, sk, w in ((8, 4096, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 8), (16, 1024, 4, 4), (8, 2048, 1, 4),
+                                  (32, 1024, 1, 4), (32, 2048, 1, 8), (64, 512, 1, 4), (64, 1024, 1, 8),
+                                  (32, 1024, 4, 8))]
     lut = [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
     gemm = [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, block_k=bk, num_warps=w, num_stages=st))
             for bn, bm, bk, w, st in ((64, 16, 128, 4, 3), (128, 16, 64, 4, 3), (64, 64, 64, 4, 3),
