@@ -36,7 +36,18 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transform
     model.inv_freq = rope_inverse_frequencies(checkpoint.config)  # buffers built on "meta" hold no data
     if checkpoint.packed:
         replace_linears(model, checkpoint.packed, backend)
+    if backend == "cuda" and torch.cuda.is_available():
+        model = to_gpu_fp16(model)
     return model.eval()
+
+
+def to_gpu_fp16(model: Transformer) -> Transformer:
+    """Float tensors to fp16 on the GPU, where the cuda backend's packed linears already are;
+    the rotary frequencies stay fp32."""
+    inv_freq = model.inv_freq.float()
+    model.to("cuda", torch.float16)
+    model.inv_freq = inv_freq.cuda()
+    return model
 
 
 def load_model(path: str | None = None, backend: str | None = None,

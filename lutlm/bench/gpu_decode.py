@@ -43,14 +43,6 @@ def add_parser(bench_subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def to_gpu_fp16(model):
-    """Floats to fp16 on the GPU; packed linears are there already. Rotary frequencies stay fp32."""
-    inv_freq = model.inv_freq.float()
-    model.to("cuda", torch.float16)
-    model.inv_freq = inv_freq.cuda()
-    return model
-
-
 @torch.inference_mode()
 def decode_step_us(model, position: int) -> dict:
     """Step times in microseconds, each (median, p25, p75): through lutlm.gpu_decode (the
@@ -131,7 +123,7 @@ def bundled_generation(tokens: int) -> dict:
     checkpoint = load_checkpoint(default_model_path())
     config = QuantConfig(method="rtn", bits=4, group_size=64)
     checkpoint.packed = quantize_weights_only(checkpoint, config, plan_group_sizes(checkpoint, config), progress=True)
-    model = to_gpu_fp16(build_model(checkpoint, backend="cuda"))
+    model = build_model(checkpoint, backend="cuda")  # on the GPU in fp16
     tokenizer = Tokenizer(checkpoint.tokenizer)
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
     params = SamplingParams(max_new_tokens=tokens)
