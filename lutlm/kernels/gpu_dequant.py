@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from lutlm.kernels import interpreter_enabled
 
@@ -120,9 +121,19 @@ def _dp4a(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _round_to_int(x, EMULATE: tl.constexpr):
+    """x rounded to the nearest integer, as int32: one cvt.rni on the GPU."""
+    if EMULATE:
+        return tl.floor(x + 0.5).to(tl.int32)
+    else:
+        return libdevice.float2int_rn(x)
+
+
+@triton.jit
 def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, x_row, K, inv, WIDTH: tl.constexpr,
                 GROUP: tl.constexpr, EMULATE: tl.constexpr):
-    """sum over each group's weights of code * int8 activation, for one word stream: [rows, groups].
+    """For one word stream: the sum over each group's weights of code * int8 activation
+    [rows, groups], and the sum of the group's int8 activations [groups].
 
     The four activations that meet the bytes of (word t >> WIDTH * i) are k = t * P + 4 * i + j;
     they are rounded to int8 (x * inv, inv = 127 / amax of the group) and packed into one int32.
@@ -136,13 +147,15 @@ def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, x_row, K, inv, WID
     words = tl.load(w_ptr + rows[:, None, None] * words_per_row + word_index[None, :, :], mask=row_mask[:, None, None],
                     other=0)
     acc = tl.zeros(words.shape, dtype=tl.int32)
+    x_sum = tl.zeros(word_index.shape, dtype=tl.int32)
     for i in tl.static_range(P // 4):
         k = word_index[:, :, None] * P + 4 * i + j[None, None, :]
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        q = tl.floor(x * inv[:, None, None] + 0.5).to(tl.int32)
+        q = _round_to_int(x * inv[:, None, None], EMULATE)
+        x_sum += tl.sum(q, axis=2)
         xw = tl.sum((q & 0xFF) << (8 * j)[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
         acc = _dp4a((words >> (WIDTH * i)) & MASK, xw[None, :, :], acc, EMULATE)
-    return tl.sum(acc, axis=2)
+    return tl.sum(acc, axis=2), tl.sum(x_sum, axis=1)
 
 
 @triton.jit
@@ -173,20 +186,19 @@ def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, total_gr
         group_mask = groups < total_groups
         groups = tl.where(group_mask, groups, 0)  # past the end: read group 0, scaled by zero below
         k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
+        amax = tl.max(tl.abs(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)), axis=1)
         inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-        x_sum = tl.sum(tl.floor(x * inv[:, None] + 0.5), axis=1)
         dx = tl.where(group_mask, amax / 127.0, 0.0)
-        qx = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, x_row, K, inv, WIDTH0, GROUP,
-                         EMULATE)
+        qx, x_sum = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, x_row, K, inv, WIDTH0,
+                                GROUP, EMULATE)
         if WIDTH1 > 0:
-            qx += _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, x_row, K, inv, WIDTH1,
-                              GROUP, EMULATE) << WIDTH0
+            high, _ = _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, x_row, K, inv, WIDTH1,
+                                  GROUP, EMULATE)
+            qx += high << WIDTH0
         sz_offsets = groups[None, :] * N + rows[:, None]
         s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        acc += s * dx[None, :] * (qx.to(tl.float32) - z * x_sum[None, :])
+        acc += s * dx[None, :] * (qx.to(tl.float32) - z * x_sum.to(tl.float32)[None, :])
     out = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + m * stride_ym + rows
     if SPLIT_K > 1:  # into a zeroed output
