@@ -40,10 +40,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "the model is not on a CUDA device"
     if model.model.norm.weight.dtype != torch.float16:
         return "the model's float tensors are not fp16"
-    for i, layer in enumerate(model.model.layers):
-        for linear in layer.modules():
-            if isinstance(linear, PackedLinear) and linear.backend_name != "cuda":
-                return f"a linear of model.layers.{i} is packed for the {linear.backend_name} backend"
+    for name, linear in model.named_modules():
+        if isinstance(linear, PackedLinear) and linear.backend_name != "cuda":
+            return f"{name} is packed for the {linear.backend_name} backend"
     return None
 
 
@@ -95,8 +94,7 @@ class GpuDecoder:
         self.ops = gpu_ops
         self.model = model
         c = model.config
-        self.vocab, self.n_heads, self.n_kv_heads = c.vocab_size, c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = c.head_dim
+        self.vocab = c.vocab_size
         dev = model.model.norm.weight.device
         self.use_graph = dev.type == "cuda"
         self.layers = []
@@ -110,7 +108,7 @@ class GpuDecoder:
         self.position = torch.zeros(1, dtype=torch.int32, device=dev)
         self.x = torch.zeros(1, c.hidden_size, dtype=torch.float16, device=dev)
         self.h = torch.zeros_like(self.x)
-        self.q = torch.zeros(self.n_heads, self.head_dim, dtype=torch.float16, device=dev)
+        self.q = torch.zeros(c.num_attention_heads, c.head_dim, dtype=torch.float16, device=dev)
         self.attn = torch.zeros_like(self.q)
         self.act = torch.zeros(1, c.intermediate_size, dtype=torch.float16, device=dev)
         self.logits: torch.Tensor | None = None
