@@ -10,7 +10,10 @@ Error bound. The kernels take fp16 activations and write fp16 outputs; in betwee
   * the CUDA-core GEMV and the table-lookup kernel keep codes exact and sum in fp32; the
     magic-number floats 1 + q / 2^b are exact, and the cancellation in 2^b (sum v x - sum x)
     costs at most a few ulps of 2^b sum |x| per group, far below the GEMM's term;
-  * fp32 accumulation over K <= 2^15 terms adds at most K 2^-24 <= 2^-9 relative to sum |w x|;
+  * fp32 accumulation over K <= 2^14 terms adds at most K 2^-24 <= 2^-10 relative to sum |w x|;
+  * split-K GEMV programs add their partial sums atomically into the fp16 output, each addition
+    rounding by at most 2^-11 of sum |w x|: 2^-10 for the split of 2 tested here (K-splits of
+    the tensor-core GEMM add in fp32);
   * the fp16 output rounds once more: 2^-11 |y|.
 So |y - ref| <= 2^-9 sum_k |s| (|q| + |z|) |x_k| + 2^-10 |ref|, asserted below (with a tiny
 absolute floor for exact zeros).

@@ -34,8 +34,9 @@ g, the kernel's group, is the largest power of two <= 128 dividing the format's 
 
 Accuracy: the GEMM is exact up to fp16 rounding of (q - z) * s (relative 2^-11) and fp32
 accumulation. The GEMV adds the int8 rounding of the activations: each x[k] is off by at most
-amax / 254 of its group, so |error| <= sum_k |w[n, k]| * amax(group of k) / 254 (+ fp32 rounding);
-tests/test_kernels_gpu.py asserts exactly this bound.
+amax / 254 of its group, so |error| <= sum_k |w[n, k]| * amax(group of k) / 254 (+ fp32 rounding,
+and with split-K one fp16 rounding of the running sum per split); tests/test_kernels_gpu.py
+asserts exactly this bound.
 """
 
 from __future__ import annotations
