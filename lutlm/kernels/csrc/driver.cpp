@@ -1,7 +1,9 @@
 /* The loops around the tile kernels: activation buffers, blocking and threads.
  *
  * GEMV (one token): threads split the 16-row tiles; when there are few tiles they also
- * split K (each part accumulates into its own buffer, summed at the end).
+ * split K (each part accumulates into its own buffer, summed at the end). The items go out
+ * in kTasksPerThread chunks per thread, taken as threads come free: on a shared machine one
+ * thread is often descheduled for a while, and with one chunk each the other would wait.
  * GEMM (a batch): tokens go in blocks of kTokenBlock, whose activation buffers are built
  * first; the K range is cut into slices of kSliceInputs, and each slice's tables of a few
  * tokens at a time stay in L1 while the tiles stream past (see gemm_task). Threads split
@@ -18,6 +20,7 @@ namespace {
 
 constexpr int64_t kTokenBlock = 64; /* tokens whose activation buffers are built at a time */
 constexpr int64_t kSliceInputs = 512;
+constexpr int64_t kTasksPerThread = 4; /* GEMV chunks per thread (see above) */
 /* Below this many weight bits times tokens a call runs on one thread: waking the pool
  * costs a few microseconds, as much as the whole product. Settable (tests set 0). */
 double parallel_work = 8e6;
@@ -136,7 +139,7 @@ int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, 
         lutlm_parallel_for((int)j.n_tasks, build_tokens, &j);
         memset(j.acc, 0, sizeof(float) * acc_floats);
         if (batch == 1) {
-            j.n_tasks = std::min<int64_t>(threads, tiles * j.k_parts);
+            j.n_tasks = std::min<int64_t>(threads == 1 ? 1 : threads * kTasksPerThread, tiles * j.k_parts);
             lutlm_parallel_for((int)j.n_tasks, gemv_task, &j);
             for (int64_t r = 0; r < w->n; r++) {
                 float s = 0.0f;
