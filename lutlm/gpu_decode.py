@@ -64,7 +64,7 @@ def stack_rows(linears: list[nn.Module]) -> nn.Module:
             return PackedLinear(stacked, linears[0].backend_name)
     if all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
         weight = torch.cat([m.weight.detach() for m in linears])
-        stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # weight assigned below
         stacked.weight = nn.Parameter(weight, requires_grad=False)
         return stacked
     return _Concatenated(linears)

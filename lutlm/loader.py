@@ -37,16 +37,16 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transform
     if checkpoint.packed:
         replace_linears(model, checkpoint.packed, backend)
     if backend == "cuda" and torch.cuda.is_available():
-        model = to_gpu_fp16(model)
+        model = to_fp16(model, "cuda")
     return model.eval()
 
 
-def to_gpu_fp16(model: Transformer) -> Transformer:
-    """Float tensors to fp16 on the GPU, where the cuda backend's packed linears already are;
-    the rotary frequencies stay fp32."""
+def to_fp16(model: Transformer, device: str | torch.device) -> Transformer:
+    """Float tensors to fp16 on `device` (the GPU, where the cuda backend's packed linears
+    already are); the rotary frequencies stay fp32."""
     inv_freq = model.inv_freq.float()
-    model.to("cuda", torch.float16)
-    model.inv_freq = inv_freq.cuda()
+    model.to(device, torch.float16)
+    model.inv_freq = inv_freq.to(device)
     return model
 
 

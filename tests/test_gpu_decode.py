@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 from lutlm.gpu_decode import GpuDecoder, gpu_decoder_for, stack_rows, unsupported_reason  # noqa: E402
 from lutlm.kernels import gpu, gpu_ops  # noqa: E402
 from lutlm.linear import PackedLinear  # noqa: E402
-from lutlm.loader import build_model  # noqa: E402
+from lutlm.loader import build_model, to_fp16  # noqa: E402
 from lutlm.model import RMSNorm, rope_tables, rotate_half  # noqa: E402
 from test_fast_decode import packed_checkpoint, tiny_config  # noqa: E402
 from tiny_checkpoint import tiny_checkpoint  # noqa: E402
@@ -102,13 +102,6 @@ def test_silu_mul_matches_torch(width):
     assert_close_to_scale(out, F.silu(gate) * up, 4e-3)
 
 
-def to_fp16(model):
-    inv_freq = model.inv_freq.float()
-    model.to(DEVICE, torch.float16)
-    model.inv_freq = inv_freq.to(DEVICE)
-    return model
-
-
 def forward_then_decoder(model, steps: int = 5):
     """Logits of `steps` tokens fed one at a time: model.forward, then a GpuDecoder on a copy
     of the same weights with its own cache."""
@@ -125,22 +118,26 @@ def forward_then_decoder(model, steps: int = 5):
     return expected, got
 
 
-@pytest.mark.parametrize("overrides,bits,group", [({}, 4, 32), ({"num_key_value_heads": 4, "intermediate_size": 128}, 2, 64)])
+@pytest.mark.parametrize("overrides,bits,group", [
+    ({}, 4, 32),
+    ({"num_key_value_heads": 4, "intermediate_size": 128}, 2, 64),
+])
 def test_decoder_matches_forward_on_packed_weights(overrides, bits, group):
-    model = to_fp16(build_model(packed_checkpoint(tiny_config(**overrides), bits, group, pack_head=False), "cuda"))
+    checkpoint = packed_checkpoint(tiny_config(**overrides), bits, group, pack_head=False)
+    model = to_fp16(build_model(checkpoint, "cuda"), DEVICE)
     assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
     expected, got = forward_then_decoder(model)
     assert_close_to_scale(got, expected, 2e-2)
 
 
 def test_decoder_matches_forward_on_fp16_weights():
-    model = to_fp16(build_model(tiny_checkpoint(), "reference"))
+    model = to_fp16(build_model(tiny_checkpoint(), "reference"), DEVICE)
     expected, got = forward_then_decoder(model)
     assert_close_to_scale(got, expected, 2e-2)
 
 
 def test_stacked_rows_give_the_outputs_of_their_parts():
-    model = to_fp16(build_model(packed_checkpoint(tiny_config(), 4, 32, pack_head=False), "cuda"))
+    model = to_fp16(build_model(packed_checkpoint(tiny_config(), 4, 32, pack_head=False), "cuda"), DEVICE)
     a = model.model.layers[0].self_attn
     x = randn(1, 64, seed=7)
     stacked = stack_rows([a.q_proj, a.k_proj, a.v_proj])
@@ -149,7 +146,7 @@ def test_stacked_rows_give_the_outputs_of_their_parts():
 
 
 def test_decoder_refuses_bad_calls_and_follows_the_cache():
-    model = to_fp16(build_model(tiny_checkpoint(), "reference"))
+    model = to_fp16(build_model(tiny_checkpoint(), "reference"), DEVICE)
     decoder = GpuDecoder(model)
     with pytest.raises(ValueError, match="call model.setup_cache first"):
         decoder(1, 0)
@@ -169,6 +166,6 @@ def test_unsupported_models_fall_back_with_a_reason():
     assert unsupported_reason(float32_model) in ("the model's float tensors are not fp16",
                                                  "the model is not on a CUDA device")
     assert gpu_decoder_for(float32_model) is None
-    cpu_packed = to_fp16(build_model(packed_checkpoint(tiny_config()), "cpu")) if DEVICE.type == "cpu" else None
-    if cpu_packed is not None:
+    if DEVICE.type == "cpu":
+        cpu_packed = to_fp16(build_model(packed_checkpoint(tiny_config()), "cpu"), DEVICE)
         assert "packed for the cpu backend" in unsupported_reason(cpu_packed)

@@ -19,7 +19,6 @@ backend's on the CPU.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -48,26 +47,23 @@ def decode_step_us(model, position: int) -> dict:
     """Step times in microseconds, each (median, p25, p75): through lutlm.gpu_decode (the
     headline), its products alone, and through model.forward, each replayed from a CUDA graph."""
     from lutlm.gpu_decode import GpuDecoder
-    from lutlm.kernels.gpu_tuning import time_calls
+    from lutlm.kernels.gpu_tuning import time_calls, time_replays
 
     model.setup_cache(1, position + 1)
     token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
     forward = time_calls([lambda: model(token, position, last_logits_only=True)], launches=8, repeats=10)
     decoder = GpuDecoder(model)
     decoder(7, position)  # captures the step's graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(10):
-        start.record()
-        for _ in range(8):
+    steps = 8
+
+    def replay_steps() -> None:
+        for _ in range(steps):
             decoder.graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / 8)
-    q = statistics.quantiles(samples, n=4)
+
+    step = time_replays(replay_steps, steps, repeats=10)
     products = time_calls([decoder.products_only], launches=8, repeats=10)
     del decoder
-    return {"decoder": (statistics.median(samples), q[0], q[2]), "products": products, "forward": forward}
+    return {"decoder": step, "products": products, "forward": forward}
 
 
 def random_model(config: ModelConfig):

@@ -85,9 +85,9 @@ def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
 def candidates(batch: int) -> list[Plan]:
     """The configurations worth timing for a batch size (each costs a compile)."""
     gemv = [Plan("dequant", DequantConfig(block_n=bn, block_m=1, block_k=bk, split_k=sk, num_warps=w))
-            for bn, bk, sk, w in ((8, 4096, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 8), (16, 1024, 4, 4), (8, 2048, 1, 4),
-                                  (32, 1024, 1, 4), (32, 2048, 1, 8), (64, 512, 1, 4), (64, 1024, 1, 8),
-                                  (32, 1024, 4, 8))]
+            for bn, bk, sk, w in ((8, 4096, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 8), (16, 1024, 4, 4),
+                                  (8, 2048, 1, 4), (32, 1024, 1, 4), (32, 2048, 1, 8), (64, 512, 1, 4),
+                                  (64, 1024, 1, 8), (32, 1024, 4, 8))]
     lut = [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
     gemm = [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, block_k=bk, num_warps=w, num_stages=st))
             for bn, bm, bk, w, st in ((64, 16, 128, 4, 3), (128, 16, 64, 4, 3), (64, 64, 64, 4, 3),
@@ -112,14 +112,20 @@ def time_calls(calls: list[Callable[[], object]], launches: int = 40, repeats: i
         for i in range(launches):
             calls[i % len(calls)]()
     graph.replay()
+    return time_replays(graph.replay, launches, repeats)
+
+
+def time_replays(run: Callable[[], object], calls_per_run: int, repeats: int) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile microseconds per call of `run` (work already captured,
+    launching `calls_per_run` calls), timed by CUDA events around each of `repeats` runs."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(repeats):
         start.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / launches)
+        samples.append(start.elapsed_time(end) * 1e3 / calls_per_run)
     q = statistics.quantiles(samples, n=4)
     return statistics.median(samples), q[0], q[2]
 
