@@ -20,6 +20,7 @@ SOURCES = [
     "dequant.cpp",
     "dequant_avx2.cpp",
     "dequant_avx512.cpp",
+    "dot_gemm_avx512.cpp",
     "membw.cpp",
 ]
 

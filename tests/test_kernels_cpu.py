@@ -19,6 +19,11 @@ by s / 2 (bit-planes), or Q/3 chunks with weight 1 scaled by s (ternary table):
 plus the rounding term. Fast aggregation replaces each pair of lookups a, b by twice their
 rounded-down average, off from a + b by 1/2 after its mean correction, which adds half
 the int8 term again: |err| <= 1.5 x int8 term + rounding.
+
+int8 activations (the dequantize baseline, and the "int8" mode's dot-product GEMM for 4-bit
+batches): each activation of a q-block is rounded with dx = max|x| / 127, off by at most
+dx / 2, and meets an exact code q <= 2^bits - 1:
+    |err| <= sum_blocks |s| (dx / 2) (2^bits - 1) Q   plus the rounding term.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ def restore_kernel_settings():
     cpu.set_isa(cpu.best_isa())
     cpu.set_num_threads(torch.get_num_threads())
     cpu.set_parallel_threshold(8e6)
+    cpu.set_dot_gemm_min_tokens(DOT_GEMM_MIN_TOKENS)
+
+
+DOT_GEMM_MIN_TOKENS = 4  # the library's default
 
 
 @lru_cache(maxsize=None)  # quantized once, shared by the tests' many modes and instruction sets
@@ -170,6 +179,64 @@ def activation_rounding_bound(x: torch.Tensor, w: PackedWeight, q_block: int) ->
     return (dx.unsqueeze(1) * s * 0.5 * ((1 << w.bits) - 1) * q_block).sum(-1)
 
 
+def int8_mode_bound(x: torch.Tensor, w: PackedWeight, h: cpu.LutWeight) -> torch.Tensor:
+    """The "int8" mode's bound for this call: int8 activations where it runs the dot-product
+    GEMM, int8 tables elsewhere."""
+    if cpu.uses_dot_gemm(h, x.shape[0]):
+        return activation_rounding_bound(x, w, h.q_block) + rounding_bound(x, w)
+    return table_bound(x, w, h.q_block, h.ternary_tables) + rounding_bound(x, w)
+
+
+HAS_DOT_GEMM = cpu.available() and cpu.uses_dot_gemm(cpu.prepare(make_weight(16, 32, 32, 4)), 1 << 20)
+
+
+@pytest.mark.skipif(not HAS_DOT_GEMM, reason="the dot-product GEMM needs AVX-512 with GFNI")
+@pytest.mark.parametrize("n,k,group", SHAPES)
+def test_dot_gemm_reproduces_the_dequantize_baseline(n, k, group):
+    # Same int8 activations and integer sums as the baseline (which has its own layout):
+    # only float rounding differs. Batches below, at and above the 8 tokens of a pass.
+    cpu.set_dot_gemm_min_tokens(2)
+    w = make_weight(n, k, group, 4)
+    h, baseline = cpu.prepare(w), cpu_dequant.prepare(w)
+    x = activations(21, k)
+    y_ref = reference.matmul(x, reference.prepare(w))
+    bound = activation_rounding_bound(x, w, h.q_block) + rounding_bound(x, w)
+    for batch in (2, 8, 13, 21):
+        assert cpu.uses_dot_gemm(h, batch)
+        y = cpu.matmul(x[:batch], h)
+        check(y, cpu_dequant.matmul(x[:batch], baseline), rounding_bound(x[:batch], w))
+        check(y, y_ref[:batch], bound[:batch])
+
+
+@pytest.mark.skipif(not HAS_DOT_GEMM, reason="the dot-product GEMM needs AVX-512 with GFNI")
+def test_dot_gemm_threads_token_blocks_and_threshold():
+    # 130 tokens: three token blocks (64 + 64 + 2); K = 2304: five K slices, two q-blocks per
+    # group (the group of a slice's first q-block is counted from its middle); 3 tiles on 2 threads.
+    cpu.set_parallel_threshold(0)
+    w = make_weight(45, 2304, 256, 4)
+    h = cpu.prepare(w)
+    x = activations(130, 2304)
+    y_ref = reference.matmul(x, reference.prepare(w))
+    bound = activation_rounding_bound(x, w, h.q_block) + rounding_bound(x, w)
+    single = None
+    for threads in (1, 2):
+        cpu.set_num_threads(threads)
+        y = cpu.matmul(x, h)
+        check(y, y_ref, bound)
+        if single is None:
+            single = y
+        else:
+            check(y, single, rounding_bound(x, w))
+    cpu.set_dot_gemm_min_tokens(200)  # above the batch: the table lookups again
+    assert not cpu.uses_dot_gemm(h, 130)
+    check(cpu.matmul(x, h), y_ref, table_bound(x, w, h.q_block, False) + rounding_bound(x, w))
+    cpu.set_dot_gemm_min_tokens(1)  # clamped to 2: one token always uses the lookups
+    assert not cpu.uses_dot_gemm(h, 1) and cpu.uses_dot_gemm(h, 2)
+    assert not cpu.uses_dot_gemm(cpu.prepare(make_weight(45, 2304, 256, 2)), 130)  # 4 bits only
+    cpu.set_isa("avx2")
+    assert not cpu.uses_dot_gemm(h, 130)
+
+
 @pytest.mark.skipif(not DEQUANT_ISAS, reason="the dequantize baseline needs AVX2 or AVX-512")
 @pytest.mark.parametrize("isa", DEQUANT_ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -226,6 +293,7 @@ def test_dequantize_baseline_needs_simd():
 def test_instruction_sets_agree_on_int8_tables():
     # The int8 tables and integer sums are bit-identical across instruction sets; only the
     # float epilogue (fused or separate multiply-adds) rounds differently.
+    cpu.set_dot_gemm_min_tokens(1 << 20)  # tables at every batch
     for bits in [1, 2, 3, 4, "ternary"]:
         w = make_weight(45, 384, 384 if bits == "ternary" else 128, bits)
         h = cpu.prepare(w)
@@ -248,14 +316,13 @@ def test_threads_and_batches(bits):
     h = cpu.prepare(w)
     x = activations(70, 2304)
     y_ref = reference.matmul(x, reference.prepare(w))
-    bound = table_bound(x, w, h.q_block, h.ternary_tables) + rounding_bound(x, w)
     single = {}
     for threads in (1, 2):
         cpu.set_num_threads(threads)
         assert cpu.get_num_threads() == threads
         for batch in (1, 70):
             y = cpu.matmul(x[:batch], h)
-            check(y, y_ref[:batch], bound[:batch])
+            check(y, y_ref[:batch], int8_mode_bound(x[:batch], w, h))
             if threads == 1:
                 single[batch] = y
             else:  # same tables and integer sums; only the order of float partial sums differs
@@ -281,8 +348,10 @@ def test_real_layer_of_the_bundled_model(bundled):
         w = quantize_rtn(dense, bits, 128)
         h = cpu.prepare(w)
         y_ref = reference.matmul(x, reference.prepare(w))
-        check(cpu.matmul(x, h), y_ref, table_bound(x, w, h.q_block, False) + rounding_bound(x, w))
+        check(cpu.matmul(x, h), y_ref, int8_mode_bound(x, w, h))
         check(cpu.matmul(x, h, mode="float"), y_ref, rounding_bound(x, w))
+        prompt = activations(40, dense.shape[1])  # a prefill: the dot-product GEMM at 4 bits
+        check(cpu.matmul(prompt, h), reference.matmul(prompt, reference.prepare(w)), int8_mode_bound(prompt, w, h))
 
 
 def test_bad_input_is_refused_with_a_clear_message():

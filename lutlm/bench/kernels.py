@@ -144,6 +144,7 @@ def run(args) -> list[dict]:
                     row = {
                         "model": model, "shape": f"{n}x{k}", "out": n, "in": k, "bits": kind,
                         "group_size": w.group_size, "threads": threads, "batch": batch, "isa": cpu.get_isa(),
+                        "lutlm_kernel": "dot" if cpu.uses_dot_gemm(lut, batch) else "lookup",
                         "weight_bytes": lut.nbytes,
                         "lutlm_weight_GBps": lut.nbytes / t["lutlm"]["ms"] / 1e6,
                         "lutlm_cold_weight_GBps": lut.nbytes / t["lutlm"]["cold_ms"] / 1e6,
@@ -169,17 +170,19 @@ def run(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print("warm: weights left in cache by the previous call; cold: after the other contenders ran")
+    print("kernel: lookup = table lookup; dot = 4-bit batch as int8 dot products of codes recovered from the bit-planes")
     if rows:
         isa = rows[0]["isa"]
         print(f"instruction set: {isa}; dequant: " + (DEQUANT_LABELS[isa] if "dequant_ms" in rows[0] else "not available"))
-    print(f"{'shape':>11} {'bits':>7} {'thr':>3} {'batch':>5} | {'lutlm ms warm (p25-p75)':>25} {'cold':>7} | "
+    print(f"{'shape':>11} {'bits':>7} {'thr':>3} {'batch':>5} {'kernel':>6} | {'lutlm ms warm (p25-p75)':>25} {'cold':>7} | "
           f"{'torch fp32':>10} | {'dequant':>7} {'cold':>7} | {'x torch':>7} {'x deq':>5} {'cold':>5} | "
           f"{'GB/s':>5} {'cold':>5} {'DRAM':>5} {'same-size':>9}")
     for r in rows:
         deq = f"{r['dequant_ms']:7.3f} {r['dequant_cold_ms']:7.3f}" if "dequant_ms" in r else f"{'-':>7} {'-':>7}"
         xdeq = f"{r['speedup_vs_dequant']:5.2f} {r['cold_speedup_vs_dequant']:5.2f}" if "dequant_ms" in r else f"{'-':>5} {'-':>5}"
         lut = f"{r['lutlm_ms']:.3f} ({r['lutlm_p25_ms']:.3f}-{r['lutlm_p75_ms']:.3f})"
-        print(f"{r['shape']:>11} {r['bits']:>7} {r['threads']:>3} {r['batch']:>5} | {lut:>25} {r['lutlm_cold_ms']:7.3f} | "
+        print(f"{r['shape']:>11} {r['bits']:>7} {r['threads']:>3} {r['batch']:>5} {r.get('lutlm_kernel', '-'):>6} | "
+              f"{lut:>25} {r['lutlm_cold_ms']:7.3f} | "
               f"{r['torch_fp32_ms']:10.3f} | {deq} | {r['speedup_vs_torch_fp32']:7.1f} {xdeq} | "
               f"{r['lutlm_weight_GBps']:5.1f} {r['lutlm_cold_weight_GBps']:5.1f} {r['mem_read_dram_GBps']:5.1f} "
               f"{r['mem_read_weight_size_GBps']:9.1f}")
@@ -202,7 +205,8 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = [r for r in rows if r["threads"] == threads and r["batch"] == batch and r["shape"] == shape]
         labels = [r["bits"] for r in sel]
         xs = range(len(sel))
-        ax.plot(xs, [r["lutlm_ms"] for r in sel], "o-", color="C0", label="lutlm table lookup")
+        label = "lutlm (4-bit: int8 dot)" if any(r.get("lutlm_kernel") == "dot" for r in sel) else "lutlm table lookup"
+        ax.plot(xs, [r["lutlm_ms"] for r in sel], "o-", color="C0", label=label)
         ax.plot(xs, [r["lutlm_cold_ms"] for r in sel], "o:", color="C0", alpha=0.5, label="lutlm, cold cache")
         if all("dequant_ms" in r for r in sel):
             ax.plot(xs, [r["dequant_ms"] for r in sel], "s--", color="C1", label=DEQUANT_LABELS.get(sel[0]["isa"], "dequantize"))

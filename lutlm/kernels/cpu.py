@@ -10,6 +10,12 @@ Table modes of `matmul`:
              layer inputs (4-bit) the output error is 0.8% (median over layers, relative
              L2), a third of that of int8 activation quantization as llama.cpp does it (2.5%,
              measured with the dequantize baseline, cpu_dequant, on the same inputs).
+             Exception: 4-bit products of several tokens (set_dot_gemm_min_tokens) on an
+             AVX-512 CPU with GFNI run as a dot product of int8 activations and the codes,
+             recovered from the bit-planes in registers (csrc/dot_gemm_avx512.cpp): there a
+             lookup costs as much as a multiply-add per token, and the unpacking is shared by
+             the tokens. Its results are the dequantize baseline's (same int8 activations,
+             same integer sums), with the baseline's error bound; uses_dot_gemm says when.
     "float"  float tables, exact up to fp32 rounding (portable C; for tests): greedy
              decoding then gives the reference path's tokens.
     "fast"   int8 tables, pairs of lookups merged by averaging adds (fast aggregation),
@@ -63,6 +69,8 @@ def _load() -> ctypes.CDLL | None:
     lib.lutlm_set_num_threads.argtypes = [ctypes.c_int]
     lib.lutlm_set_isa.argtypes = [ctypes.c_int]
     lib.lutlm_set_parallel_threshold.argtypes = [ctypes.c_double]
+    lib.lutlm_set_dot_gemm_min_tokens.argtypes = [ctypes.c_int64]
+    lib.lutlm_dot_gemm_applies.argtypes = [weight_p, ctypes.c_int64]
     lib.lutlm_set_num_threads(torch.get_num_threads())
     return lib
 
@@ -98,6 +106,17 @@ def set_parallel_threshold(work: float) -> None:
     """Products with fewer weight bits x tokens than `work` run on one thread (default 8e6:
     below that, waking the threads costs about as much as the product)."""
     library().lutlm_set_parallel_threshold(work)
+
+
+def set_dot_gemm_min_tokens(tokens: int) -> None:
+    """4-bit products of at least `tokens` tokens (default 4, at least 2) use the dot-product
+    GEMM where the CPU has it (see the "int8" mode above)."""
+    library().lutlm_set_dot_gemm_min_tokens(tokens)
+
+
+def uses_dot_gemm(handle: "LutWeight", batch: int) -> bool:
+    """Whether an "int8" product of `batch` tokens with `handle` runs as the dot-product GEMM."""
+    return bool(library().lutlm_dot_gemm_applies(ctypes.byref(handle.c), batch))
 
 
 def best_isa() -> str:

@@ -17,24 +17,20 @@
  */
 #include "internal.h"
 
-namespace {
-
-/* The baseline's activation buffer, in the ActLayout fields: int8 activations at
- * `tables`, their per-q-block scales at `table_scale`, the blocks' sums at `x_sum`. */
-Geometry dequant_geometry(const lutlm_weight *w, int *ok) {
-    Geometry g;
-    *ok = lutlm_geometry(w, LUTLM_INT8, &g) == 0 && w->kind == LUTLM_PLANES;
-    if (!*ok) return g;
-    ActLayout &a = g.act;
+int lutlm_int8_act_geometry(const lutlm_weight *w, Geometry *g) {
+    if (lutlm_geometry(w, LUTLM_INT8, g) || w->kind != LUTLM_PLANES) return -1;
+    ActLayout &a = g->act;
     a.tables = 0;
     a.has_pairs = 0;
     a.pair_tables = a.table_scale = lutlm_align64((size_t)w->k_padded);
-    a.x_sum = a.table_scale + lutlm_align64(g.n_qblocks * sizeof(float));
-    a.bytes = a.x_sum + lutlm_align64(g.n_qblocks * sizeof(float));
-    g.mid = 0.0f; /* w = s (q - z):  sum_k w_k x_k = s (dx sum_k q_k xq_k - z sum_k x_k) */
-    g.factor = 1.0f;
-    return g;
+    a.x_sum = a.table_scale + lutlm_align64(g->n_qblocks * sizeof(float));
+    a.bytes = a.x_sum + lutlm_align64(g->n_qblocks * sizeof(float));
+    g->mid = 0.0f; /* w = s (q - z):  sum_k w_k x_k = s (dx sum_k q_k xq_k - z sum_k x_k) */
+    g->factor = 1.0f;
+    return 0;
 }
+
+namespace {
 
 const DequantKernels *kernels(int isa) {
     switch (isa) {
@@ -48,9 +44,9 @@ const DequantKernels *kernels(int isa) {
 
 extern "C" int lutlm_dequant_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y) {
     if (batch == 0) return 0;
-    int ok;
-    const Geometry g = dequant_geometry(w, &ok);
+    Geometry g;
     const DequantKernels *k = kernels(lutlm_get_isa());
-    if (!k || !ok || !x || !y || batch < 0) return -1;
-    return lutlm_run_tiled(&g, x, batch, y, k->quantize_act, k->tile[w->bits], nullptr);
+    if (!k || lutlm_int8_act_geometry(w, &g) || !x || !y || batch < 0) return -1;
+    const TileKernels run = {k->quantize_act, k->tile[w->bits], nullptr, nullptr};
+    return lutlm_run_tiled(&g, x, batch, y, &run);
 }

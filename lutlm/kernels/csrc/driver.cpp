@@ -6,8 +6,9 @@
  * thread is often descheduled for a while, and with one chunk each the other would wait.
  * GEMM (a batch): tokens go in blocks of kTokenBlock, whose activation buffers are built
  * first; the K range is cut into slices of kSliceInputs, and each slice's tables of a few
- * tokens at a time stay in L1 while the tiles stream past (see gemm_task). Threads split
- * tiles.
+ * tokens at a time stay in L1 while the tiles stream past (see gemm_task), or, for a
+ * kernel that walks the tokens itself (tile_batch), each tile's slice of weights stays in
+ * L1 while all tokens pass. Threads split tiles.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -43,9 +44,7 @@ thread_local Scratch act_scratch, acc_scratch, x_scratch;
 
 struct Job {
     const Geometry *g;
-    BuildActFn build;
-    TileFn tile;
-    TileTokensFn tile_tokens; /* optional */
+    const TileKernels *k;
     const float *x;   /* [batch][k] */
     float *xpad;      /* [threads][k_padded] when k < k_padded, else null */
     uint8_t *act;     /* [tokens of the block][act bytes] */
@@ -66,7 +65,7 @@ void build_tokens(int task, void *arg) {
             memset(xp + w->k, 0, (w->k_padded - w->k) * sizeof(float));
             x = xp;
         }
-        j.build(j.g, x, j.act + t * j.g->act.bytes);
+        j.k->build(j.g, x, j.act + t * j.g->act.bytes);
     }
 }
 
@@ -79,31 +78,39 @@ void gemv_task(int task, void *arg) {
         const int64_t q0 = part_begin(j.g->n_qblocks, j.k_parts, part), q1 = part_begin(j.g->n_qblocks, j.k_parts, part + 1);
         float *acc = j.acc + part * tiles * LUTLM_TILE_ROWS;
         for (int64_t tile = i - part * tiles; tile < tiles && i < i1; tile++, i++)
-            j.tile(j.g, tile, q0, q1, j.act, acc + tile * LUTLM_TILE_ROWS);
+            j.k->tile(j.g, tile, q0, q1, j.act, acc + tile * LUTLM_TILE_ROWS);
     }
 }
 
 /* Loop order: K slice, then groups of LUTLM_GEMM_TOKENS tokens, then the task's tiles. A
  * group's tables for one slice (about 24 KiB at 2 bits) stay in L1 while the tiles'
- * weights for that slice (at most 1 MiB for 4096 rows at 4 bits) stream from L2. */
+ * weights for that slice (at most 1 MiB for 4096 rows at 4 bits) stream from L2. With
+ * tile_batch: K slice, then tiles, each with all tokens (a tile's slice of 4-bit weights
+ * is 4 KiB, the tokens' int8 activations for it 512 bytes each). */
 void gemm_task(int task, void *arg) {
     Job &j = *(Job *)arg;
+    const TileKernels &k = *j.k;
     const int64_t slice = std::max<int64_t>(1, kSliceInputs / j.g->w->q_block);
     const int64_t t0 = part_begin(j.g->tiles, j.n_tasks, task), t1 = part_begin(j.g->tiles, j.n_tasks, task + 1);
     const size_t act_bytes = j.g->act.bytes;
-    const int64_t group = j.tile_tokens ? LUTLM_GEMM_TOKENS : 1;
+    const int64_t group = k.tile_tokens ? LUTLM_GEMM_TOKENS : 1;
     for (int64_t q0 = 0; q0 < j.g->n_qblocks; q0 += slice) {
         const int64_t q1 = std::min(j.g->n_qblocks, q0 + slice);
+        if (k.tile_batch) {
+            for (int64_t tile = t0; tile < t1; tile++)
+                k.tile_batch(j.g, tile, q0, q1, j.act, act_bytes, j.tokens, j.acc + tile * j.tokens * LUTLM_TILE_ROWS);
+            continue;
+        }
         for (int64_t t = 0; t < j.tokens; t += group) {
             const int64_t n = std::min(group, j.tokens - t);
             for (int64_t tile = t0; tile < t1; tile++) {
                 float *acc = j.acc + (tile * j.tokens + t) * LUTLM_TILE_ROWS;
-                if (n == LUTLM_GEMM_TOKENS && j.tile_tokens) {
-                    j.tile_tokens(j.g, tile, q0, q1, j.act + t * act_bytes, act_bytes, acc);
+                if (n == LUTLM_GEMM_TOKENS && k.tile_tokens) {
+                    k.tile_tokens(j.g, tile, q0, q1, j.act + t * act_bytes, act_bytes, acc);
                     continue;
                 }
                 for (int64_t i = 0; i < n; i++)
-                    j.tile(j.g, tile, q0, q1, j.act + (t + i) * act_bytes, acc + i * LUTLM_TILE_ROWS);
+                    k.tile(j.g, tile, q0, q1, j.act + (t + i) * act_bytes, acc + i * LUTLM_TILE_ROWS);
             }
         }
     }
@@ -113,8 +120,7 @@ void gemm_task(int task, void *arg) {
 
 extern "C" void lutlm_set_parallel_threshold(double work) { parallel_work = work; }
 
-int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, BuildActFn build, TileFn tile,
-                    TileTokensFn tile_tokens) {
+int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, const TileKernels *k) {
     const lutlm_weight *w = g->w;
     const int64_t tiles = g->tiles;
     const double work = (double)w->n * (double)w->k_padded * w->bits * (double)batch;
@@ -123,9 +129,7 @@ int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, 
 
     Job j = {};
     j.g = g;
-    j.build = build;
-    j.tile = tile;
-    j.tile_tokens = tile_tokens;
+    j.k = k;
     j.x = x;
     j.act = (uint8_t *)act_scratch.get(g->act.bytes * block);
     j.xpad = w->k < w->k_padded ? (float *)x_scratch.get(sizeof(float) * w->k_padded * threads) : nullptr;

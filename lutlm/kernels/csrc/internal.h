@@ -79,6 +79,12 @@ typedef void (*TileFn)(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1
 typedef void (*TileTokensFn)(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act,
                              size_t stride, float *out);
 
+/* One tile over q-blocks [qb0, qb1) for `tokens` tokens (buffers `stride` bytes apart), into
+ * out[tokens][16]: the kernel walks the tokens itself, so that the tile's weights for the
+ * q-block range stay in L1 while all of them pass (the 4-bit dot-product GEMM). */
+typedef void (*TileBatchFn)(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act,
+                            size_t stride, int64_t tokens, float *out);
+
 typedef struct {
     BuildActFn build_act;   /* int8 tables (modes INT8 and FAST_AGG) */
     TileFn tile_int8;
@@ -100,14 +106,33 @@ typedef struct {
 const DequantKernels *lutlm_dequant_avx2_kernels(void);
 const DequantKernels *lutlm_dequant_avx512_kernels(void);
 
+/* The geometry of a product with int8 activations per q-block (the dequantize baseline and
+ * the dot-product GEMM, dequant.cpp): activations at `tables`, their scales at
+ * `table_scale`, block sums at `x_sum`; mid 0 and factor 1 in the epilogue. 0, or -1 for a
+ * bad weight or one that is not bit-planes. */
+int lutlm_int8_act_geometry(const lutlm_weight *w, Geometry *g);
+
+/* The 4-bit dot-product GEMM over the table-lookup layout (dot_gemm_avx512.cpp), and
+ * whether this CPU has what it needs (the AVX-512 kernels' set and GFNI). */
+TileBatchFn lutlm_dot_gemm_avx512(void);
+int lutlm_cpu_has_dot_gemm(void);
+
 /* Float tables: exact mode, portable only (it exists for testing). */
 void lutlm_build_act_float(const Geometry *g, const float *x, uint8_t *act);
 void lutlm_tile_float(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out);
 
-/* y[batch][n] from x[batch][k]: builds each token's activation buffer with `build`, then
- * runs `tile` over every tile, q-block range and token (driver.cpp). */
-int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, BuildActFn build, TileFn tile,
-                    TileTokensFn tile_tokens);
+/* The functions a product runs: `build` makes each token's activation buffer; `tile` runs
+ * one token (always needed for one token), `tile_tokens` (optional) LUTLM_GEMM_TOKENS of
+ * them, `tile_batch` (optional, used alone for batches when set) all of a token block. */
+typedef struct {
+    BuildActFn build;
+    TileFn tile;
+    TileTokensFn tile_tokens;
+    TileBatchFn tile_batch;
+} TileKernels;
+
+/* y[batch][n] from x[batch][k] over every tile, q-block range and token (driver.cpp). */
+int lutlm_run_tiled(const Geometry *g, const float *x, int64_t batch, float *y, const TileKernels *k);
 
 /* Runs fn(task, arg) for task in [0, n_tasks) on the pool (the caller takes part). */
 typedef void (*TaskFn)(int task, void *arg);

@@ -101,6 +101,14 @@ LUTLM_API void lutlm_set_parallel_threshold(double work);
 /* y[batch, n] = x[batch, k] @ W^T by table lookup. Returns 0, or -1 for a bad argument. */
 LUTLM_API int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode);
 
+/* In mode LUTLM_INT8, 4-bit products of at least `tokens` tokens (default 4, at least 2) run
+ * as a dot product of int8 activations and the codes, recovered from the bit-planes in
+ * registers (dot_gemm_avx512.cpp), where the CPU has AVX-512 with GFNI: the lookups cost
+ * twice the multiply-adds per token. lutlm_dot_gemm_applies says whether a call of `batch`
+ * tokens would, with the instruction set in use. */
+LUTLM_API void lutlm_set_dot_gemm_min_tokens(int64_t tokens);
+LUTLM_API int lutlm_dot_gemm_applies(const lutlm_weight *w, int64_t batch);
+
 /* The dequantize-then-multiply baseline (llama.cpp's method: codes unpacked to bytes, dot
  * products with int8-quantized activations by vpdpbusd on AVX-512, vpmaddubsw + vpmaddwd
  * on AVX2). Its own layout: see dequant.cpp. Runs on the instruction set in use
