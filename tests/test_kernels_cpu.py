@@ -329,6 +329,20 @@ def test_threads_and_batches(bits):
                 check(y, single[batch], rounding_bound(x[:batch], w))
 
 
+@pytest.mark.parametrize("bits", [2, 4, "ternary"])
+def test_one_token_over_k_slices(bits):
+    # K = 7680: a token's tables outgrow the GEMV's L1 budget (4-bit: 30 KiB, ternary: 40,
+    # 2-bit: 90), so each tile is visited once per K slice, its groups cut at slice ends
+    # (ternary: one group per row); the sums are the same, only float rounding differs.
+    w = make_weight(40, 7680, 7680 if bits == "ternary" else 128, bits)
+    h = cpu.prepare(w)
+    x = activations(2, 7680)
+    y = cpu.matmul(x[:1], h)
+    check(y, reference.matmul(x[:1], reference.prepare(w)), int8_mode_bound(x[:1], w, h))
+    cpu.set_dot_gemm_min_tokens(1 << 20)  # the same int8 tables in the GEMM, which slices K its own way
+    check(y, cpu.matmul(x, h)[:1], rounding_bound(x[:1], w))
+
+
 def test_leading_dimensions_and_dtype():
     w = make_weight(40, 128, 64, 2)
     h = cpu.prepare(w)

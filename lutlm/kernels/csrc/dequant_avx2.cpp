@@ -150,12 +150,11 @@ void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8
     __m256 out_h[2] = {_mm256_loadu_ps(out), _mm256_loadu_ps(out + 8)};
     int64_t group = qb0 / qblocks_per_group, in_group = qb0 % qblocks_per_group;
 
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
     for (int64_t qb = qb0; qb < qb1; qb++) {
         __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         __m256i sum16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        /* The same software prefetch of the weight stream as the AVX-512 kernels. */
-        for (int64_t off = 0; off < steps_per_qb * 64 * BITS; off += 64)
-            _mm_prefetch((const char *)wp + 2048 + off, _MM_HINT_T0);
+        lutlm_prefetch_qblock(wp, steps_per_qb * 64 * BITS, prefetch); /* as the table-lookup kernels */
         for (int64_t st = qb * steps_per_qb; st < (qb + 1) * steps_per_qb; st++, wp += 64 * BITS) {
             step<BITS>(wp, xq + st * LUTLM_STEP, sum16);
             if (kWidenPerStep)

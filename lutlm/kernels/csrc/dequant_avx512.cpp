@@ -53,15 +53,14 @@ void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8
     const uint8_t *wp = g->w->codes + (tile * g->n_steps + qb0 * steps_per_qb) * 64 * BITS;
     __m512 acc_out = _mm512_loadu_ps(out);
 
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
     for (int64_t qb = qb0; qb < qb1; qb++) {
         /* Each accumulator holds products scaled by one mask's bit offset, and there are
          * enough of them to hide vpdpbusd's latency. 4 bits: acc[2j] (x1), acc[2j+1] (x16);
          * 2 bits: acc[4j + m] (x4^m); 1 bit: acc[8 + m] (x2^m). */
         __m512i acc[16];
         for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_si512();
-        /* The same software prefetch of the weight stream as the table-lookup kernels. */
-        for (int64_t off = 0; off < steps_per_qb * 64 * BITS; off += 64)
-            _mm_prefetch((const char *)wp + 2048 + off, _MM_HINT_T0);
+        lutlm_prefetch_qblock(wp, steps_per_qb * 64 * BITS, prefetch); /* as the table-lookup kernels */
         for (int64_t st = qb * steps_per_qb; st < (qb + 1) * steps_per_qb; st++, wp += 64 * BITS) {
             const int8_t *xs = xq + st * LUTLM_STEP;
             if (BITS == 4) {

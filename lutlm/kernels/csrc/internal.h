@@ -61,6 +61,29 @@ static const signed char lutlm_ternary_digits[16][3] = {
 
 static inline size_t lutlm_align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+/* Software prefetch of the weight stream: the hardware prefetchers alone leave the kernels
+ * waiting on L3 or DRAM (GEMV 10-15% slower), so each q-block asks for the bytes
+ * LUTLM_PREFETCH_AHEAD ahead. A kernel call covers a range of q-blocks of one tile, and the
+ * driver goes on with the next tile's same range: past the end of the range, the distance
+ * continues there (`skip` bytes further; 0 when the range is the whole row). */
+#define LUTLM_PREFETCH_AHEAD 2048
+typedef struct {
+    const uint8_t *end;
+    int64_t skip;
+} PrefetchRange;
+
+static inline PrefetchRange lutlm_prefetch_range(const Geometry *g, const uint8_t *first, int64_t qblocks) {
+    const int64_t bytes = qblocks * g->steps_per_qblock * g->step_bytes;
+    const PrefetchRange r = {first + bytes, g->n_steps * g->step_bytes - bytes};
+    return r;
+}
+
+static inline void lutlm_prefetch_qblock(const uint8_t *wp, int64_t qblock_bytes, PrefetchRange r) {
+    const uint8_t *p = wp + LUTLM_PREFETCH_AHEAD;
+    if (p >= r.end) p += r.skip;
+    for (int64_t off = 0; off < qblock_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 float lutlm_half_to_float(uint16_t h);
 
 /* The geometry of a table-lookup product (api.cpp); 0 on success, -1 for a bad weight. */

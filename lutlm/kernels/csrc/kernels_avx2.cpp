@@ -250,11 +250,9 @@ void tile_kernel(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
         for (int h = 0; h < 2; h++) acc[n][h] = _mm256_loadu_ps(out + 16 * n + 8 * h);
     int64_t group = qb0 / g->qblocks_per_group, in_group = qb0 % g->qblocks_per_group; /* counted, not divided */
 
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
     for (int64_t qb = qb0; qb < qb1; qb++) {
-        /* Weights stream from L3 or DRAM; the hardware prefetchers alone leave the lookups
-         * waiting (GEMV 10-15% slower), so ask for the bytes 2 KiB ahead. */
-        for (int64_t off = 0; off < steps_per_qb * step_bytes; off += 64)
-            _mm_prefetch((const char *)wp + 2048 + off, _MM_HINT_T0);
+        lutlm_prefetch_qblock(wp, steps_per_qb * step_bytes, prefetch);
         Sums s[NT];
         for (int n = 0; n < NT; n++) s[n] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}, _mm256_setzero_si256(),
                                              {_mm256_setzero_si256(), _mm256_setzero_si256()}};

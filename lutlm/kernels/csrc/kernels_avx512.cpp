@@ -225,15 +225,12 @@ void tile_kernel(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
      * epilogue waits on the last vpdpbusd of its q-block, and done right away it would
      * stall the lookups of the next one. */
     constexpr int kBatch = 16;
-    constexpr int64_t kPrefetch = 2048;
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
     __m512i sums[kBatch][NT];
     for (int64_t qb_first = qb0; qb_first < qb1; qb_first += kBatch) {
         const int batch = (int)(qb1 - qb_first < kBatch ? qb1 - qb_first : kBatch);
         for (int b = 0; b < batch; b++) {
-            /* Weights stream from L2 or beyond; the hardware prefetchers alone leave the
-             * lookups waiting, so ask for the bytes kPrefetch ahead. */
-            for (int64_t off = 0; off < STEPS * step_bytes; off += 64)
-                _mm_prefetch((const char *)wp + kPrefetch + off, _MM_HINT_T0);
+            lutlm_prefetch_qblock(wp, STEPS * step_bytes, prefetch);
             __m512i a[SETS][NT][4];
             for (int i = 0; i < SETS; i++)
                 for (int n = 0; n < NT; n++)
