@@ -22,8 +22,9 @@ the int8 term again: |err| <= 1.5 x int8 term + rounding.
 
 int8 activations (the dequantize baseline, and the "int8" mode's dot-product GEMM for 4-bit
 batches): each activation of a q-block is rounded with dx = max|x| / 127, off by at most
-dx / 2, and meets an exact code q <= 2^bits - 1:
-    |err| <= sum_blocks |s| (dx / 2) (2^bits - 1) Q   plus the rounding term.
+dx / 2; the zero point multiplies the sum of the rounded activations, so each rounding error
+meets an exact q - z, |q - z| <= mid + |mid - z|:
+    |err| <= sum_blocks |s| (dx / 2) (mid + |mid - z|) Q   plus the rounding term.
 """
 
 from __future__ import annotations
@@ -167,16 +168,27 @@ def test_fast_aggregation_within_bound(bits, isa):
 
 
 def activation_rounding_bound(x: torch.Tensor, w: PackedWeight, q_block: int) -> torch.Tensor:
-    """The dequantize baseline rounds activations to int8 per q-block (dx = max|x| / 127,
-    error <= dx / 2 each) and multiplies exact codes: |err| <= sum_blocks |s| (dx / 2) sum_k q_k,
-    with sum_k q_k <= (2^bits - 1) Q."""
+    """The int8-activation term of the module docstring, per output element."""
     k, group = w.in_features, w.group_size
     k_pad = -(-k // q_block) * q_block
     blocks = torch.nn.functional.pad(x, (0, k_pad - k)).abs().view(x.shape[0], k_pad // q_block, q_block)
     dx = blocks.amax(-1) / 127
     group_of_block = torch.clamp(torch.arange(k_pad // q_block) * q_block // group, max=k // group - 1)
     s = w.scales.float().abs()[:, group_of_block]
-    return (dx.unsqueeze(1) * s * 0.5 * ((1 << w.bits) - 1) * q_block).sum(-1)
+    mid = mid_of(w)
+    reach = mid + (mid - w.zeros.float()[:, group_of_block]).abs()  # the largest |q - z|
+    return (dx.unsqueeze(1) * s * 0.5 * reach * q_block).sum(-1)
+
+
+def rounded_activations(x: torch.Tensor, q_block: int) -> torch.Tensor:
+    """x as the int8-activation kernels see it: rounded per q-block to multiples of max|x| / 127
+    (fp32 arithmetic in the kernels' order: x * (127 / amax), round half to even, times amax / 127)."""
+    k = x.shape[1]
+    k_pad = -(-k // q_block) * q_block
+    blocks = torch.nn.functional.pad(x, (0, k_pad - k)).view(x.shape[0], -1, q_block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).view(x.shape[0], k_pad)[:, :k]
 
 
 def int8_mode_bound(x: torch.Tensor, w: PackedWeight, h: cpu.LutWeight) -> torch.Tensor:
@@ -194,17 +206,21 @@ HAS_DOT_GEMM = cpu.available() and cpu.uses_dot_gemm(cpu.prepare(make_weight(16,
 @pytest.mark.parametrize("n,k,group", SHAPES)
 def test_dot_gemm_reproduces_the_dequantize_baseline(n, k, group):
     # Same int8 activations and integer sums as the baseline (which has its own layout):
-    # only float rounding differs. Batches below, at and above the 8 tokens of a pass.
+    # only float rounding differs; and exactly the product of the rounded activations (the
+    # zero point meets their sum, not that of the unrounded ones). Batches below, at and
+    # above the 8 tokens of a pass.
     cpu.set_dot_gemm_min_tokens(2)
     w = make_weight(n, k, group, 4)
     h, baseline = cpu.prepare(w), cpu_dequant.prepare(w)
     x = activations(21, k)
     y_ref = reference.matmul(x, reference.prepare(w))
+    y_rounded = reference.matmul(rounded_activations(x, h.q_block), reference.prepare(w))
     bound = activation_rounding_bound(x, w, h.q_block) + rounding_bound(x, w)
     for batch in (2, 8, 13, 21):
         assert cpu.uses_dot_gemm(h, batch)
         y = cpu.matmul(x[:batch], h)
         check(y, cpu_dequant.matmul(x[:batch], baseline), rounding_bound(x[:batch], w))
+        check(y, y_rounded[:batch], rounding_bound(x[:batch], w))
         check(y, y_ref[:batch], bound[:batch])
 
 

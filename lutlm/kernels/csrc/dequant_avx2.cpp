@@ -31,24 +31,25 @@ void quantize_activations(const Geometry *g, const float *x, uint8_t *act) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t qb = 0; qb < g->n_qblocks; qb++) {
         const float *xb = x + qb * w->q_block;
-        __m256 m0 = _mm256_setzero_ps(), m1 = m0, s0 = m0, s1 = m0;
+        __m256 m0 = _mm256_setzero_ps(), m1 = m0;
         for (int64_t i = 0; i < w->q_block; i += 16) { /* q_block is a multiple of 32 */
-            const __m256 a = _mm256_loadu_ps(xb + i), b = _mm256_loadu_ps(xb + i + 8);
-            m0 = _mm256_max_ps(m0, _mm256_and_ps(a, abs_mask));
-            m1 = _mm256_max_ps(m1, _mm256_and_ps(b, abs_mask));
-            s0 = _mm256_add_ps(s0, a);
-            s1 = _mm256_add_ps(s1, b);
+            m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask));
+            m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(xb + i + 8), abs_mask));
         }
         const float amax = hmax(_mm256_max_ps(m0, m1));
         const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        dx[qb] = amax / 127.0f;
-        xsum[qb] = hsum(_mm256_add_ps(s0, s1));
+        __m256i sum = _mm256_setzero_si256();
         for (int64_t i = 0; i < w->q_block; i += 32) {
             __m256i v[4];
-            for (int j = 0; j < 4; j++) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), inv));
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * j), inv));
+                sum = _mm256_add_epi32(sum, v[j]);
+            }
             const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
             _mm256_storeu_si256((__m256i *)(xq + qb * w->q_block + i), _mm256_permutevar8x32_epi32(bytes, order));
         }
+        dx[qb] = amax / 127.0f;
+        xsum[qb] = dx[qb] * hsum(_mm256_cvtepi32_ps(sum)); /* of the rounded activations: see dequant.cpp */
     }
 }
 

@@ -23,19 +23,18 @@ void quantize_activations(const Geometry *g, const float *x, uint8_t *act) {
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t qb = 0; qb < g->n_qblocks; qb++) {
         const float *xb = x + qb * w->q_block;
-        __m512 m = _mm512_setzero_ps(), s = _mm512_setzero_ps();
-        for (int64_t i = 0; i < w->q_block; i += 16) {
-            const __m512 v = _mm512_loadu_ps(xb + i);
-            m = _mm512_max_ps(m, _mm512_and_ps(v, abs_mask));
-            s = _mm512_add_ps(s, v);
-        }
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t i = 0; i < w->q_block; i += 16) m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(xb + i), abs_mask));
         const float amax = _mm512_reduce_max_ps(m);
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t i = 0; i < w->q_block; i += 16) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
+            sum = _mm512_add_epi32(sum, q);
+            _mm_storeu_si128((__m128i *)(xq + qb * w->q_block + i), _mm512_cvtepi32_epi8(q));
+        }
         dx[qb] = amax / 127.0f;
-        xsum[qb] = _mm512_reduce_add_ps(s);
-        for (int64_t i = 0; i < w->q_block; i += 16)
-            _mm_storeu_si128((__m128i *)(xq + qb * w->q_block + i),
-                             _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv))));
+        xsum[qb] = dx[qb] * (float)_mm512_reduce_add_epi32(sum); /* of the rounded activations: see dequant.cpp */
     }
 }
 
