@@ -108,6 +108,17 @@ def test_kernels_match_reference(kernel, bits, ternary):
     check_close(y, x, w, activation_group)
 
 
+@pytest.mark.parametrize("bits,ternary", [(1, False), (2, False), (3, False), (4, False), (2, True)])
+def test_gemm_whole_tiles(bits, ternary):
+    """Shapes that are whole tiles, where the tensor-core GEMM drops its masks (EVEN_N/M/K), with a
+    tile wider than the batch-16 ones above and one K step per group, split over K and not."""
+    w = random_packed(64, 256, bits, 128, ternary, seed=bits)
+    for plan in (Plan("dequant", DequantConfig(block_n=32, block_m=32, block_k=64)),
+                 Plan("dequant", DequantConfig(block_n=64, block_m=32, block_k=128, split_k=2))):
+        y, x, _ = run(w, plan, batch=32)
+        check_close(y, x, w)
+
+
 @pytest.mark.parametrize("group", [64, 128, 96, 576])
 def test_group_sizes(group):
     """Powers of two run as they are; 96 and a whole row (576) as repeated groups of 32 or 64."""
@@ -181,6 +192,8 @@ def test_bad_inputs_are_refused():
         gpu.run_plan(x, handle, LUT)
     with pytest.raises(ValueError, match="block_m=8"):
         gpu.run_plan(x, handle, Plan("dequant", DequantConfig(block_n=16, block_m=8)))
+    with pytest.raises(ValueError, match="block_k=16"):
+        gpu.run_plan(x, handle, Plan("dequant", DequantConfig(block_n=16, block_m=16, block_k=16)))
     lut_handle = gpu.prepare(random_packed(8, 128, 2, 128), with_lut=True)
     with pytest.raises(ValueError, match="block_k=64"):
         gpu_lut.matmul(torch.zeros(1, 128, dtype=torch.float16).to(DEVICE), lut_handle.lut, LutConfig(16, block_k=64))

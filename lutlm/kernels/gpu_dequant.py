@@ -9,8 +9,12 @@ batch from its tuning table:
   and multiplies them with the weight codes four at a time by the byte dot product ``dp4a``
   (one instruction for four multiply-adds; unpacking is one shift and one AND per four codes).
   Under Triton's interpreter (no GPU) ``dp4a`` is emulated byte by byte.
-* the tensor-core GEMM (``_dequant_gemm_kernel``, 16 tokens and more): each word is read once,
-  its codes spread into an fp16 tile that is scaled in registers and fed to ``tl.dot``.
+* the tensor-core GEMM (``_dequant_gemm_kernel``, 16 tokens and more): each word is read once
+  and turns into its codes' fp16 values in the registers of the thread that read it (shifts,
+  then an inline PTX byte permute and LOP3 per two codes: the 0x6400 trick below), is scaled
+  there by a per-row scale and zero loaded a K step ahead, and goes to ``tl.dot`` as the
+  register operand (wgmma's A on Hopper; Triton moves the tile into that operand's layout
+  through shared memory) against the activations, K-major.
 * the dense path (``DequantConfig.dense``): ``_dequantize_kernel`` writes the whole weight in
   fp16 to a shared workspace and cuBLAS (``torch.matmul``) multiplies; for wide batches, where
   cuBLAS's tiling is worth a write and a read of the fp16 weight.
@@ -28,6 +32,9 @@ GPU layout, built once from the canonical bit-planes (lutlm/formats/packed.py) b
     scales  : float16 [Kp // g, N]      transposed, so that a block of rows reads them in one run
     zeros   : float16 [Kp // g, N]      in code units, as in the canonical format; zero past K
     w[n, k] = scales[k // g, n] * (q[n, k] - zeros[k // g, n])
+
+Codes become fp16 by the 0x6400 trick: the fp16 with bits 0x6400 | q is exactly 1024 + q, so
+(0x6400 | q) - 1024 is q with no conversion instruction.
 
 g, the kernel's group, is the largest power of two <= 128 dividing the format's group size G
 (Triton tiles are powers of two); where g < G each scale and zero is repeated G // g times.
@@ -208,31 +215,103 @@ def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, total_gr
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
+def _magic_asm(bits: int) -> tl.constexpr:
+    """PTX for `_biased4`, two codes at a time: a byte permute puts the low halves of two words side
+    by side, and one LOP3 keeps each half's code bits and ORs in 0x6400."""
+    mask = ((1 << bits) - 1) * 0x00010001
+    return tl.constexpr(f"{{ .reg .b32 t; prmt.b32 t, $1, $2, 0x5410; lop3.b32 $0, t, {mask}, 0x64006400, 0xea; }}")
+
+
+_MAGIC_ASM_1, _MAGIC_ASM_2, _MAGIC_ASM_3, _MAGIC_ASM_4 = (_magic_asm(b) for b in (1, 2, 3, 4))
+
+
 @triton.jit
-def _stream_codes(w_ptr, words_per_row, rows, row_mask, step, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """Codes [rows, BLOCK_K] of K step `step` of one word stream, as int32: each word is read once
-    and its P codes are spread along a new axis by P constant shifts, which in row-major order
-    is the natural k order."""
-    P: tl.constexpr = 32 // WIDTH
+def _biased4(c, BITS: tl.constexpr, EMULATE: tl.constexpr):
+    """Words c [R, W] holding one code in the low BITS bits of each byte -> fp16 [R, W, 4] whose
+    [..., j] is 1024 + the code of byte j: fp16 0x6400 | q is exactly 1024 + q (q < 1024)."""
+    # c >> 8 j on a new axis; joined so that flattening walks j = 0, 1, 2, 3
+    c4 = tl.reshape(tl.join(tl.join(c, c >> 16), tl.join(c >> 8, c >> 24)), (c.shape[0], c.shape[1], 4))
+    if EMULATE:
+        return ((c4 & ((1 << BITS) - 1)) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        # Each output element depends on its own input element only, so the result is right
+        # whichever two elements Triton hands one asm call (their place in the layout is its choice).
+        if BITS == 1:
+            asm: tl.constexpr = _MAGIC_ASM_1
+        elif BITS == 2:
+            asm: tl.constexpr = _MAGIC_ASM_2
+        elif BITS == 3:
+            asm: tl.constexpr = _MAGIC_ASM_3
+        else:
+            asm: tl.constexpr = _MAGIC_ASM_4
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [c4], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _word_bytes(w0, w1x, I: tl.constexpr, WIDTH0: tl.constexpr, WIDTH1: tl.constexpr):
+    """The codes of weights 4 I + j (j < 4) of each stream-0 word, one a byte (with stream 1's bit
+    on top for 3 bits; the bits above the code are left for _biased4's mask)."""
+    a = w0
+    if WIDTH0 * I > 0:
+        a = w0 >> (WIDTH0 * I)
+    if WIDTH1 == 0:
+        return a
+    else:  # 3 bits = 2 + 1: bit I of the 1-bit word's bytes moves to bit 2, under the 2-bit code
+        if I < 2:
+            b = w1x << (2 - I)
+        elif I == 2:
+            b = w1x
+        else:
+            b = w1x >> (I - 2)
+        return (a & 0x03030303) | (b & ~0x03030303)
+
+
+@triton.jit
+def _biased_tree(w0, w1x, I0: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr, WIDTH0: tl.constexpr,
+                 WIDTH1: tl.constexpr, EMULATE: tl.constexpr):
+    """_biased4 of I = I0, I0 + STEP, ... (COUNT of them), joined on new trailing axes so that
+    flattening them walks I in increasing order."""
+    if COUNT == 1:
+        return _biased4(_word_bytes(w0, w1x, I0, WIDTH0, WIDTH1), WIDTH0 + WIDTH1, EMULATE)
+    else:
+        return tl.join(_biased_tree(w0, w1x, I0, 2 * STEP, COUNT // 2, WIDTH0, WIDTH1, EMULATE),
+                       _biased_tree(w0, w1x, I0 + STEP, 2 * STEP, COUNT // 2, WIDTH0, WIDTH1, EMULATE))
+
+
+@triton.jit
+def _biased_codes(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, WIDTH0: tl.constexpr, WIDTH1: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """fp16 [rows, BLOCK_K]: 1024 + the code of each weight of K step `step`. Each word is read once
+    and its P codes are spread on new axes by joins, which Triton keeps in the reading thread's
+    registers for the large tiles (no data moves between threads): the four codes of bytes j < 4
+    (_biased4), the P / 4 shifts of the word (_biased_tree), and a permute of those axes puts
+    them in k order."""
+    P: tl.constexpr = 32 // WIDTH0
     WORDS: tl.constexpr = BLOCK_K // P
     t = tl.arange(0, WORDS)
-    words = tl.load(w_ptr + rows[:, None] * words_per_row + step * WORDS + t[None, :], mask=row_mask[:, None], other=0)
-    within = tl.arange(0, P)
-    shift = 8 * (within % 4) + WIDTH * (within // 4)
-    codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << WIDTH) - 1)
-    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    w0 = tl.load(w0_ptr + rows[:, None] * (padded_k // P) + step * WORDS + t[None, :], mask=row_mask[:, None], other=0)
+    if WIDTH1 > 0:  # 3 bits: word t // 2 of the 1-bit stream, shifted by 4 for odd t, meets word t
+        t1 = tl.arange(0, WORDS // 2)
+        w1 = tl.load(w1_ptr + rows[:, None] * (padded_k // 32) + step * (WORDS // 2) + t1[None, :],
+                     mask=row_mask[:, None], other=0)
+        w1x = tl.reshape(tl.join(w1, w1 >> 4), (BLOCK_N, WORDS))
+    else:
+        w1x = w0
+    h = _biased_tree(w0, w1x, 0, 1, P // 4, WIDTH0, WIDTH1, EMULATE)  # [rows, WORDS, j, I bits]
+    if P == 8:
+        h = tl.permute(h, (0, 1, 3, 2))
+    elif P == 16:
+        h = tl.permute(h, (0, 1, 3, 4, 2))
+    else:
+        h = tl.permute(h, (0, 1, 3, 4, 5, 2))
+    return tl.reshape(h, (BLOCK_N, BLOCK_K))  # k = word * P + 4 I + j
 
 
 @triton.jit
-def _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
-                      WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weights [rows, BLOCK_K] of K step `step` in fp16. BLOCK_K divides Kp (a multiple of 128)."""
-    q = _stream_codes(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, step, WIDTH0, BLOCK_N, BLOCK_K)
-    if WIDTH1 > 0:
-        q |= _stream_codes(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, step, WIDTH1, BLOCK_N, BLOCK_K) << WIDTH0
-    if BLOCK_K <= GROUP:  # one group per step: a scale and a zero per row
+def _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, step, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scales and zeros of K step `step`: [rows, 1] when the step lies in one group (BLOCK_K <=
+    GROUP), else [rows, BLOCK_K]."""
+    if BLOCK_K <= GROUP:
         g = (step * BLOCK_K) // GROUP
         s = tl.load(s_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
         z = tl.load(z_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
@@ -241,41 +320,66 @@ def _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask,
         sz_offsets = (k // GROUP)[None, :] * N + rows[:, None]
         s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
         z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
-    q_float = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q exactly, then q
-    return (q_float - z) * s
+    return s, z
+
+
+@triton.jit
+def _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDTH0: tl.constexpr,
+                      WIDTH1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """Weights [rows, BLOCK_K] of K step `step` in fp16, given its scales and zeros (_scales_zeros).
+    BLOCK_K divides Kp (a multiple of 128) and is at least 32."""
+    q = _biased_codes(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, WIDTH0, WIDTH1, BLOCK_N, BLOCK_K,
+                      EMULATE) - 1024.0  # exact
+    return (q - z) * s
 
 
 @triton.jit
 def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, padded_k, stride_xm, stride_ym,
                          WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+                         SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+                         EMULATE: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k] on the tensor cores. Grid: (row blocks, batch blocks, K splits).
 
     Weight rows are the product's first dimension (y^T = W x^T): the dequantized tile is the
-    operand that comes from registers, and a batch narrower than a tensor-core tile wastes only
-    the narrow side.
+    operand that comes from registers (wgmma's A on Hopper), the activations are loaded
+    K-major as its B, and a batch narrower than a tensor-core tile wastes only the narrow side.
+    A tile's scales and zeros are loaded one K step ahead, so that their latency hides behind
+    a step. EVEN_*: the dimension is a whole number of tiles, and its masks go.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    if EVEN_N:
+        row_mask = tl.full((BLOCK_N,), 1, tl.int1)
     batch = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     batch_mask = batch < M
+    if EVEN_M:
+        batch_mask = tl.full((BLOCK_M,), 1, tl.int1)
     steps = padded_k // BLOCK_K
-    per_split = tl.cdiv(steps, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, steps)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(steps, SPLIT_K)
+        first = tl.program_id(2) * per_split
+        last = tl.minimum(first + per_split, steps)
+    else:
+        first = 0
+        last = steps
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # (a split past the last step runs no step; its first load stays inside the arrays)
+    s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, tl.minimum(first, steps - 1), GROUP, BLOCK_K)
     for step in range(first, last):
-        w = _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
-                              WIDTH0, WIDTH1, GROUP, BLOCK_N, BLOCK_K)
+        w = _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDTH0, WIDTH1, BLOCK_N,
+                              BLOCK_K, EMULATE)
+        s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, tl.minimum(step + 1, last - 1), GROUP, BLOCK_K)
         k = step * BLOCK_K + kk
-        x = tl.load(x_ptr + batch[:, None] * stride_xm + k[None, :],
-                    mask=batch_mask[:, None] & (k < K)[None, :], other=0.0)
-        acc = tl.dot(w, tl.trans(x.to(tl.float16)), acc)
+        k_mask = k < K
+        if EVEN_K:
+            k_mask = tl.full((BLOCK_K,), 1, tl.int1)
+        xt = tl.load(x_ptr + batch[None, :] * stride_xm + k[:, None], mask=batch_mask[None, :] & k_mask[:, None],
+                     other=0.0)
+        acc = tl.dot(w, xt.to(tl.float16), acc)
     y_ptrs = y_ptr + batch[None, :] * stride_ym + rows[:, None]
     mask = row_mask[:, None] & batch_mask[None, :]
     if SPLIT_K > 1:
@@ -287,13 +391,14 @@ def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, pa
 @triton.jit
 def _dequantize_kernel(w0_ptr, w1_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_k,
                        WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
     """out[n, k] = w[n, k] in fp16, for k < K. Grid: (row blocks, K steps)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     step = tl.program_id(1)
-    w = _dequantized_tile(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step,
-                          WIDTH0, WIDTH1, GROUP, BLOCK_N, BLOCK_K)
+    s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, step, GROUP, BLOCK_K)
+    w = _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDTH0, WIDTH1, BLOCK_N, BLOCK_K,
+                          EMULATE)
     k = step * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + k[None, :], w, mask=row_mask[:, None] & (k < K)[None, :])
 
@@ -326,8 +431,8 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> tor
     n = layout.out_features
     if not config.dense and config.block_m != 1 and config.block_m < 16:
         raise ValueError(f"block_m={config.block_m}: 1 (dp4a GEMV) or 16 and more (tensor cores)")
-    if (config.dense or config.block_m != 1) and (K_MULTIPLE % config.block_k or config.block_k < 16):
-        raise ValueError(f"block_k={config.block_k}: the dequantizing tiles need a divisor of {K_MULTIPLE}, >= 16")
+    if (config.dense or config.block_m != 1) and (K_MULTIPLE % config.block_k or config.block_k < 32):
+        raise ValueError(f"block_k={config.block_k}: the dequantizing tiles need a divisor of {K_MULTIPLE}, >= 32")
     widths = STREAMS[layout.bits]
     meta = dict(WIDTH0=widths[0], WIDTH1=widths[1] if len(widths) > 1 else 0, GROUP=layout.group,
                 BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -335,7 +440,8 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> tor
     if config.dense:
         w = _workspace(n, k, x.device)
         grid = (triton.cdiv(n, config.block_n), layout.padded_in_features // config.block_k)
-        _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, BLOCK_K=config.block_k, **meta)
+        _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, BLOCK_K=config.block_k,
+                                 EMULATE=interpreter_enabled(), **meta)
         return torch.matmul(x, w.t())
     if config.block_m == 1:
         # One launch, or a memset and one launch where split-K programs add into y atomically.
@@ -351,5 +457,7 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> tor
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _dequant_gemm_kernel[grid](x, *weights, y, m, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
-                               BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k, **meta)
+                               BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                               EVEN_N=n % config.block_n == 0, EVEN_M=m % config.block_m == 0,
+                               EVEN_K=k == layout.padded_in_features, EMULATE=interpreter_enabled(), **meta)
     return y.to(x.dtype)

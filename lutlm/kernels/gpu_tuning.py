@@ -89,15 +89,20 @@ def candidates(batch: int) -> list[Plan]:
                                   (8, 2048, 1, 4), (32, 1024, 1, 4), (32, 2048, 1, 8), (64, 512, 1, 4),
                                   (64, 1024, 1, 8), (32, 1024, 4, 8))]
     lut = [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
-    gemm = [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, block_k=bk, num_warps=w, num_stages=st))
-            for bn, bm, bk, w, st in ((64, 16, 128, 4, 3), (128, 16, 64, 4, 3), (64, 64, 64, 4, 3),
-                                      (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
+    # The tensor-core GEMM; the 256-token tiles dequantize each weight once per K step for the whole
+    # batch (fastest on the 11008- to 28672-row shapes of an H200), and their split-K forms give the
+    # narrow shapes (4096 or 8192 rows) enough programs to fill the chip.
+    gemm = [Plan("dequant", DequantConfig(block_n=bn, block_m=bm, block_k=bk, split_k=sk, num_warps=w, num_stages=st))
+            for bn, bm, bk, sk, w, st in ((64, 16, 128, 1, 4, 3), (128, 16, 64, 1, 4, 3), (64, 64, 64, 1, 4, 3),
+                                          (128, 64, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3),
+                                          (128, 256, 64, 1, 8, 4), (64, 256, 64, 1, 8, 3), (64, 256, 64, 2, 8, 3),
+                                          (64, 256, 64, 4, 8, 3))]
     dense = [Plan("dequant", DequantConfig(block_n=32, block_m=0, block_k=128, dense=True))]
     if batch <= 4:
         return gemv + lut + (gemm[:2] if batch > 1 else [])
     if batch <= 16:
         return gemv[1:3] + gemm[:4] + dense
-    return [p for p in gemm if p.config.block_m <= 2 * batch] + dense
+    return [p for p in gemm if batch // 2 <= p.config.block_m <= 2 * batch] + dense
 
 
 def time_calls(calls: list[Callable[[], object]], launches: int = 40, repeats: int = 15) -> tuple[float, float, float]:
