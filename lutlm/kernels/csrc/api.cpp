@@ -14,7 +14,8 @@ int detect_isa() {
 }
 
 const int kBestIsa = detect_isa();
-const bool kHasGfni = (__builtin_cpu_init(), __builtin_cpu_supports("gfni"));
+/* The dot-product GEMM needs the AVX-512 kernels' set and GFNI. */
+const bool kHasDotGemm = kBestIsa == LUTLM_AVX512 && (__builtin_cpu_init(), __builtin_cpu_supports("gfni"));
 int current_isa = kBestIsa;
 /* 4-bit products of at least this many tokens use the dot-product GEMM (dot_gemm_avx512.cpp)
  * where the CPU has it. Measured on Zen 5 at 4096x11008 (1 thread): the lookups win at 1
@@ -30,8 +31,6 @@ const IsaKernels *kernels(int isa) {
 }
 
 }  // namespace
-
-int lutlm_cpu_has_dot_gemm(void) { return kBestIsa == LUTLM_AVX512 && kHasGfni; }
 
 int lutlm_geometry(const lutlm_weight *w, int mode, Geometry *g) {
     if (!w || !w->codes || !w->scales || w->n <= 0 || w->k <= 0 || w->k_padded < w->k) return -1;
@@ -81,33 +80,28 @@ int lutlm_set_isa(int isa) {
 void lutlm_set_dot_gemm_min_tokens(int64_t tokens) { dot_gemm_min_tokens = tokens < 2 ? 2 : tokens; }
 
 int lutlm_dot_gemm_applies(const lutlm_weight *w, int64_t batch) {
-    return lutlm_cpu_has_dot_gemm() && current_isa == LUTLM_AVX512 && w && w->kind == LUTLM_PLANES && w->bits == 4 &&
+    return kHasDotGemm && current_isa == LUTLM_AVX512 && w && w->kind == LUTLM_PLANES && w->bits == 4 &&
            batch >= dot_gemm_min_tokens;
 }
 
 int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode) {
     if (batch == 0) return 0;
+    const bool dot = mode == LUTLM_INT8 && lutlm_dot_gemm_applies(w, batch);
     Geometry g;
-    if (lutlm_geometry(w, mode, &g) || !x || !y || batch < 0) return -1;
-    if (mode == LUTLM_FLOAT) {
-        const TileKernels run = {lutlm_build_act_float, lutlm_tile_float, nullptr, nullptr};
-        return lutlm_run_tiled(&g, x, batch, y, &run);
-    }
+    if ((dot ? lutlm_int8_act_geometry(w, &g) : lutlm_geometry(w, mode, &g)) || !x || !y || batch < 0) return -1;
     const IsaKernels *k = kernels(current_isa);
-    if (mode == LUTLM_INT8 && lutlm_dot_gemm_applies(w, batch)) {
-        if (lutlm_int8_act_geometry(w, &g)) return -1;
-        const TileKernels run = {lutlm_dequant_avx512_kernels()->quantize_act, nullptr, nullptr, lutlm_dot_gemm_avx512()};
-        return lutlm_run_tiled(&g, x, batch, y, &run);
-    }
-    if (mode == LUTLM_INT8) {
-        const TileKernels run = {k->build_act, k->tile_int8, k->tile_int8_tokens, nullptr};
-        return lutlm_run_tiled(&g, x, batch, y, &run);
-    }
-    if (mode == LUTLM_FAST_AGG && k->tile_fast_agg) {
-        const TileKernels run = {k->build_act, k->tile_fast_agg, nullptr, nullptr};
-        return lutlm_run_tiled(&g, x, batch, y, &run);
-    }
-    return -1;
+    TileKernels run;
+    if (mode == LUTLM_FLOAT)
+        run = {lutlm_build_act_float, lutlm_tile_float, nullptr, nullptr};
+    else if (dot)
+        run = {lutlm_dequant_avx512_kernels()->quantize_act, nullptr, nullptr, lutlm_dot_gemm_avx512()};
+    else if (mode == LUTLM_INT8)
+        run = {k->build_act, k->tile_int8, k->tile_int8_tokens, nullptr};
+    else if (mode == LUTLM_FAST_AGG && k->tile_fast_agg)
+        run = {k->build_act, k->tile_fast_agg, nullptr, nullptr};
+    else
+        return -1;
+    return lutlm_run_tiled(&g, x, batch, y, &run);
 }
 
 }  // extern "C"

@@ -135,10 +135,8 @@ const DequantKernels *lutlm_dequant_avx512_kernels(void);
  * bad weight or one that is not bit-planes. */
 int lutlm_int8_act_geometry(const lutlm_weight *w, Geometry *g);
 
-/* The 4-bit dot-product GEMM over the table-lookup layout (dot_gemm_avx512.cpp), and
- * whether this CPU has what it needs (the AVX-512 kernels' set and GFNI). */
+/* The 4-bit dot-product GEMM over the table-lookup layout (dot_gemm_avx512.cpp). */
 TileBatchFn lutlm_dot_gemm_avx512(void);
-int lutlm_cpu_has_dot_gemm(void);
 
 /* Float tables: exact mode, portable only (it exists for testing). */
 void lutlm_build_act_float(const Geometry *g, const float *x, uint8_t *act);
