@@ -3,18 +3,21 @@
 The GPU counterpart of lutlm.fast_decode. A decode step of `Transformer.forward` launches about
 sixty kernels per layer (eight for an RMSNorm, ten for the rotary embedding, four per packed
 product); even inside a CUDA graph each costs one to two microseconds, more than the 4-bit
-products of a 7B model take. `GpuDecoder` computes the same step with thirteen launches a
-layer (ten where the weights are fp16):
+products of a 7B model take. `GpuDecoder` computes the same step with eight launches a layer
+(seven where the weights are packed and their batch-1 kernel is the dp4a GEMV, which takes the
+gate/up output as it is and computes SiLU(gate) * up as it loads it):
 
-    add_rms_norm -> qkv product -> rope_and_cache -> decode_attention -> o product
-    -> add_rms_norm -> gate/up product -> silu_mul -> down product
+    add_rms_norm -> qkv product -> rope_attention -> o product
+    -> add_rms_norm -> gate/up product -> [silu_mul ->] down product
 
 The q, k and v projections, and gate and up, run as one product each over their weights stacked
 by rows (packed weights are stacked in the packed format, so any backend kernel takes them; fp16
 weights are concatenated); the decoder keeps these stacked copies, the model keeps its own for
-prefill. The small operations are lutlm.kernels.gpu_ops. The position lives in a device tensor,
-so the step is captured once as a CUDA graph and replayed for every token; the graph is captured
-again if setup_cache replaces the KV cache.
+prefill. The small operations are lutlm.kernels.gpu_ops; packed products go straight to the
+dispatcher (lutlm.kernels.gpu), whose GEMV also starts loading its weights while the kernel
+before it finishes, where the GPU supports it (PDL: the weights are no kernel's output). The
+position lives in a device tensor, so the step is captured once as a CUDA graph and replayed
+for every token; the graph is captured again if setup_cache replaces the KV cache.
 
 The KV cache is the model's own: prompts are prefilled by `model.forward` and the following
 tokens decoded here.
@@ -89,9 +92,10 @@ class GpuDecoder:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"the GPU decode path cannot run this model: {reason}")
-        from lutlm.kernels import gpu_ops
+        from lutlm.kernels import gpu, gpu_ops
 
         self.ops = gpu_ops
+        self.gpu = gpu
         self.model = model
         c = model.config
         self.vocab = c.vocab_size
@@ -108,12 +112,20 @@ class GpuDecoder:
         self.position = torch.zeros(1, dtype=torch.int32, device=dev)
         self.x = torch.zeros(1, c.hidden_size, dtype=torch.float16, device=dev)
         self.h = torch.zeros_like(self.x)
-        self.q = torch.zeros(c.num_attention_heads, c.head_dim, dtype=torch.float16, device=dev)
-        self.attn = torch.zeros_like(self.q)
+        self.attn = torch.zeros(c.num_attention_heads, c.head_dim, dtype=torch.float16, device=dev)
         self.act = torch.zeros(1, c.intermediate_size, dtype=torch.float16, device=dev)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._cache_owner: torch.Tensor | None = None  # the k_cache the graph was captured on
+
+    def product(self, linear: nn.Module, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """linear(x) in the step; gated: x is [gate | up] and the product is of SiLU(gate) * up."""
+        if isinstance(linear, PackedLinear):  # the cuda backend's (unsupported_reason)
+            return self.gpu.matmul(x, linear.handle, gated=gated, overlap=True)
+        if gated:
+            self.ops.silu_mul(x.view(-1), self.act.view(-1))
+            x = self.act
+        return linear(x)
 
     def step(self) -> torch.Tensor:
         """The decode step on the device buffers (token, position): what the graph captures."""
@@ -123,14 +135,12 @@ class GpuDecoder:
         for layer in self.layers:
             norm, a = layer["input_norm"], layer["attention"]
             ops.add_rms_norm(self.x, delta, norm.weight, norm.eps, self.h)
-            qkv = layer["qkv"](self.h)
-            ops.rope_and_cache(qkv.view(-1), m.inv_freq, self.position, self.q, a.k_cache, a.v_cache)
-            ops.decode_attention(self.q, a.k_cache, a.v_cache, self.position, self.attn)
-            delta = layer["o"](self.attn.view(1, -1))
+            qkv = self.product(layer["qkv"], self.h)
+            ops.rope_attention(qkv.view(-1), m.inv_freq, self.position, a.k_cache, a.v_cache, self.attn)
+            delta = self.product(layer["o"], self.attn.view(1, -1))
             norm = layer["post_norm"]
             ops.add_rms_norm(self.x, delta, norm.weight, norm.eps, self.h)
-            ops.silu_mul(layer["gate_up"](self.h).view(-1), self.act.view(-1))
-            delta = layer["down"](self.act)
+            delta = self.product(layer["down"], self.product(layer["gate_up"], self.h), gated=True)
         norm = m.model.norm
         ops.add_rms_norm(self.x, delta, norm.weight, norm.eps, self.h)
         return m.lm_head(self.h)
@@ -163,12 +173,11 @@ class GpuDecoder:
         return self.logits[0].float()
 
     def products_only(self) -> None:
-        """The step's matrix products alone, on the current buffers: a step's time minus this is
-        what the decode path spends outside the products (for profiling)."""
+        """The step's matrix products alone (with the SiLU gate, which the packed GEMV fuses), on
+        the current buffers: a step's time minus this is what the decode path spends outside the
+        products (for profiling)."""
         for layer in self.layers:
-            layer["qkv"](self.h)
-            layer["o"](self.attn.view(1, -1))
-            layer["gate_up"](self.h)
-            layer["down"](self.act)
+            self.product(layer["qkv"], self.h)
+            self.product(layer["o"], self.attn.view(1, -1))
+            self.product(layer["down"], self.product(layer["gate_up"], self.h), gated=True)
         self.model.lm_head(self.h)
-

@@ -57,37 +57,31 @@ def test_add_rms_norm_matches_model(dim, with_delta):
     assert_close_to_scale(out, expected, 4e-3)
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(4, 2, 16, 0), (9, 3, 64, 37), (8, 8, 128, 200)])
-def test_rope_and_cache_matches_model(n_heads, n_kv, head_dim, pos):
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(4, 2, 16, 0), (9, 3, 64, 70), (4, 4, 128, 130)])
+def test_rope_attention_matches_model(n_heads, n_kv, head_dim, pos):
+    """q and k rotated as model.py does, k and v cached at `pos` and nowhere else, and the
+    attention over positions 0..pos against SDPA. The cache holds random values elsewhere: those
+    past `pos` must not be read."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     qkv = randn((n_heads + 2 * n_kv) * head_dim, seed=pos)
-    cache_len = 256
-    k_cache = torch.zeros(1, n_kv, cache_len, head_dim, dtype=torch.float16, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
-    q_out = torch.empty(n_heads, head_dim, dtype=torch.float16, device=DEVICE)
+    cache_len = 160
+    k_cache, v_cache = randn(1, n_kv, cache_len, head_dim, seed=3), randn(1, n_kv, cache_len, head_dim, seed=4)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = torch.empty(n_heads, head_dim, dtype=torch.float16, device=DEVICE)
     position = torch.tensor([pos], dtype=torch.int32, device=DEVICE)
-    gpu_ops.rope_and_cache(qkv, inv_freq.to(DEVICE), position, q_out, k_cache, v_cache)
+    gpu_ops.rope_attention(qkv, inv_freq.to(DEVICE), position, k_cache, v_cache, out)
 
     cos, sin = rope_tables(inv_freq, pos, 1, torch.float16)
     q, k, v = qkv.cpu().split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
     q, k = q.view(n_heads, head_dim), k.view(n_kv, head_dim)
-    assert_close_to_scale(q_out.cpu(), q * cos + rotate_half(q) * sin, 4e-3)
     assert_close_to_scale(k_cache[0, :, pos].cpu(), k * cos + rotate_half(k) * sin, 4e-3)
     torch.testing.assert_close(v_cache[0, :, pos].cpu(), v.view(n_kv, head_dim), rtol=0, atol=0)
     others = torch.ones(cache_len, dtype=torch.bool)
     others[pos] = False
-    assert not k_cache[0, :, others].any() and not v_cache[0, :, others].any()  # nothing else written
-
-
-@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(4, 2, 16, 0), (9, 3, 64, 70), (4, 4, 128, 130)])
-def test_decode_attention_matches_sdpa(n_heads, n_kv, head_dim, pos):
-    """Positions past `pos` hold garbage on purpose: they must not be read."""
-    cache_len = 160
-    k_cache, v_cache = randn(1, n_kv, cache_len, head_dim, seed=3), randn(1, n_kv, cache_len, head_dim, seed=4)
-    q = randn(n_heads, head_dim, seed=5)
-    out = torch.empty_like(q)
-    gpu_ops.decode_attention(q, k_cache, v_cache, torch.tensor([pos], dtype=torch.int32, device=DEVICE), out)
-    expected = F.scaled_dot_product_attention(q.float().cpu().view(1, n_heads, 1, head_dim),
+    assert torch.equal(k_cache[:, :, others], k_before[:, :, others])  # nothing else written
+    assert torch.equal(v_cache[:, :, others], v_before[:, :, others])
+    q = q * cos + rotate_half(q) * sin
+    expected = F.scaled_dot_product_attention(q.float().view(1, n_heads, 1, head_dim),
                                               k_cache[:, :, : pos + 1].float().cpu(),
                                               v_cache[:, :, : pos + 1].float().cpu(), enable_gqa=True)
     assert_close_to_scale(out.cpu(), expected.view(n_heads, head_dim), 4e-3)

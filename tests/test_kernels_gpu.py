@@ -119,6 +119,33 @@ def test_gemm_whole_tiles(bits, ternary):
         check_close(y, x, w)
 
 
+@pytest.mark.parametrize("plan", [GEMV, GEMV_SPLIT], ids=["gemv", "gemv_split"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_takes_gated_activations(plan, bits):
+    """gated: the GEMV reads [gate | up] and multiplies SiLU(gate) * up, unrounded; overlap (PDL
+    where the GPU has it) changes nothing in the result."""
+    n, k = SMALL[0]
+    w = random_packed(n, k, bits, 64, seed=bits)
+    handle = gpu.prepare(w)
+    gate_up = (torch.randn(2, 2 * k, generator=torch.Generator().manual_seed(5)) * 2).half().to(DEVICE)
+    y = gpu.run_plan(gate_up, handle, plan, gated=True, overlap=True)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    check_close(y, torch.nn.functional.silu(gate) * up, w, handle.dequant.group)
+
+
+def test_gated_matmul_on_any_plan():
+    """The dispatcher gates first for kernels that cannot take gated activations."""
+    w = random_packed(40, 576, 4, 64)
+    handle = gpu.prepare(w, with_lut=True)
+    gate_up = torch.randn(3, 2 * 576, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    act = torch.nn.functional.silu(gate_up[:, :576]) * gate_up[:, 576:]
+    for plan in (GEMM, LUT):
+        handle.plans[3] = plan
+        check_close(gpu.matmul(gate_up, handle, gated=True, overlap=True), act, w)
+    with pytest.raises(ValueError, match="dp4a GEMV's"):
+        gpu.run_plan(gate_up, handle, GEMM, gated=True)
+
+
 @pytest.mark.parametrize("group", [64, 128, 96, 576])
 def test_group_sizes(group):
     """Powers of two run as they are; 96 and a whole row (576) as repeated groups of 32 or 64."""

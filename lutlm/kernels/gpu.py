@@ -85,25 +85,38 @@ def prepare(w: PackedWeight, with_lut: bool | None = None) -> GpuHandle:
     return GpuHandle(dequant=dequant, lut=lut, kind=kind)
 
 
-def run_plan(x: torch.Tensor, handle: GpuHandle, plan: Plan) -> torch.Tensor:
-    """x fp16 [M, K] -> y fp16 [M, N] with the given kernel and configuration."""
+def run_plan(x: torch.Tensor, handle: GpuHandle, plan: Plan, gated: bool = False,
+             overlap: bool = False) -> torch.Tensor:
+    """x fp16 [M, K] -> y fp16 [M, N] with the given kernel and configuration (gated, overlap:
+    the dp4a GEMV's options, gpu_dequant.matmul)."""
     if plan.kernel == "lut":
         if handle.lut is None:
             raise ValueError("this weight was prepared without the table-lookup layout")
+        if gated or overlap:
+            raise ValueError("the table-lookup kernel takes neither gated activations nor launch overlap")
         return gpu_lut.matmul(x, handle.lut, plan.config)
-    return gpu_dequant.matmul(x, handle.dequant, plan.config)
+    return gpu_dequant.matmul(x, handle.dequant, plan.config, gated, overlap)
 
 
-def matmul(x: torch.Tensor, handle: GpuHandle) -> torch.Tensor:
-    """x [..., K] (any float dtype, on the weight's device) -> y [..., N] in x's dtype."""
+def matmul(x: torch.Tensor, handle: GpuHandle, gated: bool = False, overlap: bool = False) -> torch.Tensor:
+    """x [..., K] (any float dtype, on the weight's device) -> y [..., N] in x's dtype.
+
+    gated: x is [..., 2K], gate then up, and the product is of SiLU(gate) * up (fused into the
+    dp4a GEMV, computed first for the other kernels). overlap: let the dp4a GEMV start before
+    the previous kernel has finished (gpu_dequant.matmul; the other kernels launch as usual)."""
     k = handle.in_features
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {k}")
+    width = 2 * k if gated else k
+    if x.shape[-1] != width:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {width}")
     if x.device != handle.dequant.scales.device:
         raise ValueError(f"input is on {x.device}, the weight on {handle.dequant.scales.device}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).to(torch.float16).contiguous()
+    x2 = x.reshape(-1, width).to(torch.float16).contiguous()
     if x2.shape[0] == 0:
         return x.new_empty(*lead, handle.out_features)
-    y = run_plan(x2, handle, plan_for(handle, x2.shape[0]))
+    plan = plan_for(handle, x2.shape[0])
+    gemv = plan.kernel == "dequant" and gpu_dequant.is_gemv(plan.config)
+    if gated and not gemv:
+        x2 = torch.nn.functional.silu(x2[:, :k]) * x2[:, k:]
+    y = run_plan(x2, handle, plan, gated and gemv, overlap and gemv)
     return y.view(*lead, handle.out_features).to(x.dtype)

@@ -8,7 +8,9 @@ batch from its tuning table:
   the fp16 activations to int8 per kernel group (absmax / 127, as llama.cpp's CUDA GEMV does)
   and multiplies them with the weight codes four at a time by the byte dot product ``dp4a``
   (one instruction for four multiply-adds; unpacking is one shift and one AND per four codes).
-  Under Triton's interpreter (no GPU) ``dp4a`` is emulated byte by byte.
+  Under Triton's interpreter (no GPU) ``dp4a`` is emulated byte by byte. For a decoder it also
+  takes the MLP's gate/up output as it is (SiLU(gate) * up computed as it loads), and starts
+  before the previous kernel ends (PDL, gpu_ops).
 * the tensor-core GEMM (``_dequant_gemm_kernel``, 16 tokens and more): each word is read once
   and turns into its codes' fp16 values in the registers of the thread that read it (shifts,
   then an inline PTX byte permute and LOP3 per two codes: the 0x6400 trick below), is scaled
@@ -56,6 +58,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from lutlm.kernels import interpreter_enabled
+from lutlm.kernels.gpu_ops import pdl_supported, start_dependents, wait_for_inputs
 
 STREAMS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}
 K_MULTIPLE = 128  # Kp: whole words of every stream and whole GEMM steps
@@ -138,75 +141,120 @@ def _round_to_int(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _stream_dot(w_ptr, words_per_row, rows, row_mask, groups, x_row, K, inv, WIDTH: tl.constexpr,
-                GROUP: tl.constexpr, EMULATE: tl.constexpr):
-    """For one word stream: the sum over each group's weights of code * int8 activation
-    [rows, groups], and the sum of the group's int8 activations [groups].
-
-    The four activations that meet the bytes of (word t >> WIDTH * i) are k = t * P + 4 * i + j;
-    they are rounded to int8 (x * inv, inv = 127 / amax of the group) and packed into one int32.
-    """
+def _words(w_ptr, padded_k, rows, row_mask, k0, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One word stream's words of weights k0 .. k0 + BLOCK_K, [rows, BLOCK_K // P]: each row's
+    words are one contiguous run (16-byte loads: rows start at multiples of 16 bytes as Kp is a
+    multiple of 128); zero past Kp."""
     P: tl.constexpr = 32 // WIDTH
-    WORDS: tl.constexpr = GROUP // P  # words of a row in one group
-    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 0x01010101
-    t = tl.arange(0, WORDS)
-    j = tl.arange(0, 4)
-    word_index = groups[:, None] * WORDS + t[None, :]
-    words = tl.load(w_ptr + rows[:, None, None] * words_per_row + word_index[None, :, :], mask=row_mask[:, None, None],
-                    other=0)
-    acc = tl.zeros(words.shape, dtype=tl.int32)
-    x_sum = tl.zeros(word_index.shape, dtype=tl.int32)
-    for i in tl.static_range(P // 4):
-        k = word_index[:, :, None] * P + 4 * i + j[None, None, :]
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        q = _round_to_int(x * inv[:, None, None], EMULATE)
-        x_sum += tl.sum(q, axis=2)
-        xw = tl.sum((q & 0xFF) << (8 * j)[None, None, :], axis=2)  # disjoint bytes: the sum is an OR
-        acc = _dp4a((words >> (WIDTH * i)) & MASK, xw[None, :, :], acc, EMULATE)
-    return tl.sum(acc, axis=2), tl.sum(x_sum, axis=1)
+    t = k0 // P + tl.arange(0, BLOCK_K // P)
+    words_per_row = tl.multiple_of(padded_k // P, 4)
+    return tl.load(w_ptr + rows[:, None] * words_per_row + t[None, :],
+                   mask=row_mask[:, None] & (t < words_per_row)[None, :], other=0)
 
 
 @triton.jit
-def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, total_groups, stride_xm, stride_ym,
+def _int8_activations(x, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """Activations fp32 [BLOCK_K] rounded to int8 per group (absmax / 127): four a word, packed in
+    k order [BLOCK_K // 4], with each group's step dx = amax / 127 and sum of the int8 values."""
+    xg = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+    amax = tl.max(tl.abs(xg), axis=1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = _round_to_int(xg * inv[:, None], EMULATE)
+    q4 = tl.reshape(q, (BLOCK_K // 4, 4))
+    packed = tl.sum((q4 & 0xFF) << (8 * tl.arange(0, 4))[None, :], axis=1)  # disjoint bytes: the sum is an OR
+    return packed, amax / 127.0, tl.sum(q, axis=1)
+
+
+@triton.jit
+def _stream_dot(words, x_packed, WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """For one word stream (_words): the sum over each group's weights of code * int8 activation,
+    [rows, BLOCK_K // GROUP]. The bytes of (word t >> WIDTH * i) meet packed activations t P / 4 + i."""
+    P: tl.constexpr = 32 // WIDTH
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 0x01010101
+    x_by_shift = tl.reshape(x_packed, (BLOCK_K // P, P // 4))
+    shift = tl.arange(0, P // 4)
+    acc = tl.zeros(words.shape, dtype=tl.int32)
+    for i in tl.static_range(P // 4):
+        x_i = tl.sum(tl.where(shift[None, :] == i, x_by_shift, 0), axis=1)  # a column: the sum picks it
+        acc = _dp4a((words >> (WIDTH * i)) & MASK, x_i[None, :], acc, EMULATE)
+    return tl.sum(tl.reshape(acc, (BLOCK_N, BLOCK_K // GROUP, GROUP // P)), axis=2)
+
+
+@triton.jit
+def _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step, WIDTH0: tl.constexpr,
+             WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weights of GEMV step `step`: the words of both streams (the second is the first again
+    where there is one stream), and the scales and zeros [rows, BLOCK_K // GROUP] (zero past Kp).
+    Every load is masked, so any step is safe to ask for."""
+    k0 = step * BLOCK_K
+    w0 = _words(w0_ptr, padded_k, rows, row_mask, k0, WIDTH0, BLOCK_K)
+    w1 = w0
+    if WIDTH1 > 0:
+        w1 = _words(w1_ptr, padded_k, rows, row_mask, k0, WIDTH1, BLOCK_K)
+    g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    sz_offsets = g[None, :] * N + rows[:, None]
+    sz_mask = row_mask[:, None] & (g < padded_k // GROUP)[None, :]
+    s = tl.load(s_ptr + sz_offsets, mask=sz_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz_offsets, mask=sz_mask, other=0.0).to(tl.float32)
+    return w0, w1, s, z
+
+
+@triton.jit
+def _activations(x_row, K, step, GATED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activations of GEMV step `step`, fp32 [BLOCK_K] (zero past K). GATED: the row holds
+    [gate | up], 2 K wide, and the activation is SiLU(gate) * up (the MLP's, fused here so that
+    it costs no launch and is not rounded to fp16)."""
+    k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    if GATED:
+        x = x / (1.0 + tl.exp(-x)) * tl.load(x_row + K + k, mask=k < K, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, padded_k, stride_xm, stride_ym,
                       WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+                      EMULATE: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k]. Grid: (row blocks, batch rows, K splits).
 
-    A step covers BLOCK_G groups: the activations of each group are rounded to int8 (absmax / 127),
-    multiplied with the codes by dp4a, and the group adds s * dx * (sum q x_q - z * sum x_q).
-    Every row block rounds the same activations again: a few operations per activation, far
-    cheaper than a second launch that would round them once.
+    A step covers BLOCK_K weights of each row (whole groups): the step's activations are rounded
+    to int8 once for the program's rows, multiplied with the codes by dp4a, and each group adds
+    s * dx * (sum q x_q - z * sum x_q). Every row block rounds the same activations again: a few
+    operations per activation, far cheaper than a second launch. The loads of the next step are
+    issued before the arithmetic of this one, so that the program always has memory requests in
+    flight (Triton's pipeliner only stages the loads that feed tl.dot). With PDL, the first
+    step's weights are requested before waiting for the kernel that writes the activations.
     """
+    start_dependents(PDL)
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    padded_k = total_groups * GROUP
     x_row = x_ptr + m * stride_xm
-    steps = tl.cdiv(total_groups, BLOCK_G)
+    steps = tl.cdiv(padded_k, BLOCK_K)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
-    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+    w0, w1, s, z = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, first, WIDTH0, WIDTH1, GROUP,
+                            BLOCK_K)
+    wait_for_inputs(PDL)
+    x = _activations(x_row, K, first, GATED, BLOCK_K)
     for step in range(first, last):
-        groups = step * BLOCK_G + tl.arange(0, BLOCK_G)
-        group_mask = groups < total_groups
-        groups = tl.where(group_mask, groups, 0)  # past the end: read group 0, scaled by zero below
-        k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        amax = tl.max(tl.abs(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)), axis=1)
-        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-        dx = tl.where(group_mask, amax / 127.0, 0.0)
-        qx, x_sum = _stream_dot(w0_ptr, padded_k // (32 // WIDTH0), rows, row_mask, groups, x_row, K, inv, WIDTH0,
-                                GROUP, EMULATE)
+        # the last step fetches itself again: cache hits, and no branch in the loop
+        following = tl.minimum(step + 1, last - 1)
+        w0_next, w1_next, s_next, z_next = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask,
+                                                    following, WIDTH0, WIDTH1, GROUP, BLOCK_K)
+        x_next = _activations(x_row, K, following, GATED, BLOCK_K)
+        x_packed, dx, x_sum = _int8_activations(x, GROUP, BLOCK_K, EMULATE)
+        qx = _stream_dot(w0, x_packed, WIDTH0, GROUP, BLOCK_N, BLOCK_K, EMULATE)
         if WIDTH1 > 0:
-            high, _ = _stream_dot(w1_ptr, padded_k // (32 // WIDTH1), rows, row_mask, groups, x_row, K, inv, WIDTH1,
-                                  GROUP, EMULATE)
-            qx += high << WIDTH0
-        sz_offsets = groups[None, :] * N + rows[:, None]
-        s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            qx += _stream_dot(w1, x_packed, WIDTH1, GROUP, BLOCK_N, BLOCK_K, EMULATE) << WIDTH0
         acc += s * dx[None, :] * (qx.to(tl.float32) - z * x_sum.to(tl.float32)[None, :])
+        x, w0, w1, s, z = x_next, w0_next, w1_next, s_next, z_next
     out = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + m * stride_ym + rows
     if SPLIT_K > 1:  # into a zeroed output
@@ -425,10 +473,22 @@ def _workspace(n: int, k: int, device: torch.device) -> torch.Tensor:
     return buffer[: n * k].view(n, k)
 
 
-def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> torch.Tensor:
-    """x fp16 [M, K] -> y [M, N] in x's dtype."""
-    m, k = x.shape
+def is_gemv(config: DequantConfig) -> bool:
+    """Whether the configuration runs the dp4a GEMV."""
+    return config.block_m == 1 and not config.dense
+
+
+def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig, gated: bool = False,
+           overlap: bool = False) -> torch.Tensor:
+    """x fp16 [M, K] -> y [M, N] in x's dtype. The dp4a GEMV also takes
+    gated: x is [M, 2K], gate then up, and the product is of SiLU(gate) * up;
+    overlap: launch with PDL where the GPU supports it (gpu_ops): the first weights are read
+    before the previous kernel has finished, so only for weights that kernel does not write."""
+    m = x.shape[0]
+    k = layout.in_features
     n = layout.out_features
+    if (gated or overlap) and not is_gemv(config):
+        raise ValueError("gated activations and launch overlap are the dp4a GEMV's (block_m=1) alone")
     if not config.dense and config.block_m != 1 and config.block_m < 16:
         raise ValueError(f"block_m={config.block_m}: 1 (dp4a GEMV) or 16 and more (tensor cores)")
     if (config.dense or config.block_m != 1) and (K_MULTIPLE % config.block_k or config.block_k < 32):
@@ -447,9 +507,11 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig) -> tor
         # One launch, or a memset and one launch where split-K programs add into y atomically.
         y = (torch.zeros if config.split_k > 1 else torch.empty)(m, n, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(n, config.block_n), m, config.split_k)
-        _dp4a_gemv_kernel[grid](x, *weights, y, n, k, layout.scales.shape[0], x.stride(0), y.stride(0),
-                                BLOCK_G=max(1, config.block_k // layout.group), SPLIT_K=config.split_k,
-                                EMULATE=interpreter_enabled(), **meta)
+        block_k = max(1, config.block_k // layout.group) * layout.group
+        pdl = overlap and pdl_supported(x.device)
+        _dp4a_gemv_kernel[grid](x, *weights, y, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
+                                BLOCK_K=block_k, SPLIT_K=config.split_k, GATED=gated, PDL=pdl,
+                                EMULATE=interpreter_enabled(), launch_pdl=pdl, **meta)
         return y
     if config.split_k > 1:  # split-K programs add fp32 partial sums atomically
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
