@@ -228,6 +228,7 @@ def tiny_calibration(checkpoint, sequences=4, seq_len=32) -> CalibrationSet:
     QuantConfig(method="awq", bits=2, group_size=64, group_fallback=True, quantize_head=True),
     QuantConfig(method="awq-gptq", bits=3, group_size=64, group_fallback=True, act_order=True),
     QuantConfig(method="ternary", ternary_group=32),
+    QuantConfig(method="rtn", bits=2, group_size=32, tune_steps=2),
 ], ids=lambda c: c.describe())
 def test_model_quantizer_packs_every_linear(config):
     checkpoint = tiny_checkpoint()
@@ -258,9 +259,44 @@ def test_group_fallback_rule():
     assert plan["model.layers.0.mlp.down_proj"] == 32  # 64 does not divide 96; 32 does
 
 
-def test_calibrated_methods_need_calibration():
-    with pytest.raises(ValueError, match="gptq needs calibration data"):
-        quantize_checkpoint(tiny_checkpoint(), QuantConfig(method="gptq", group_size=32), progress=False)
+@pytest.mark.parametrize("config", [QuantConfig(method="gptq", group_size=32),
+                                    QuantConfig(method="rtn", group_size=32, tune_steps=1)],
+                         ids=lambda c: c.describe())
+def test_calibrated_methods_and_tuning_need_calibration(config):
+    with pytest.raises(ValueError, match=f"{config.describe()} needs calibration data"):
+        quantize_checkpoint(tiny_checkpoint(), config, progress=False)
+
+
+def calibration_kl(checkpoint, quantized, calibration) -> float:
+    """Mean KL(source || quantized) of the next-token distributions on the calibration tokens."""
+    from lutlm.quantize.tune import kl_to_source
+
+    tokens = calibration.tokens
+    models = [build_model(c, backend="reference") for c in (checkpoint, quantized)]
+    for m in models:
+        m.setup_cache(*tokens.shape)
+    with torch.no_grad():
+        return float(kl_to_source(models[0](tokens, 0), models[1](tokens, 0)))
+
+
+def test_grid_tuning_brings_the_model_closer_to_the_source():
+    """Tuning keeps every code and the format (so the bits per weight), changes scales, zeros and
+    norms only, and lowers the KL divergence to the source on the calibration sequences."""
+    checkpoint = tiny_checkpoint()
+    calibration = tiny_calibration(checkpoint, sequences=8)
+    base = QuantConfig(method="rtn", bits=2, group_size=32)
+    plain, plain_result = quantize_checkpoint(checkpoint, base, progress=False)
+    tuned, tuned_result = quantize_checkpoint(checkpoint, QuantConfig(method="rtn", bits=2, group_size=32,
+                                                                      tune_steps=40), calibration, progress=False)
+    assert tuned_result.bits_per_weight == plain_result.bits_per_weight
+    for name, w in plain.packed.items():
+        assert torch.equal(tuned.packed[name].planes, w.planes)
+        assert not torch.equal(tuned.packed[name].scales, w.scales)
+    assert "model.layers.1.post_attention_layernorm.weight" in tuned_result.float_tensors
+    assert "model.norm.weight" in tuned_result.float_tensors
+    assert tuned.quantization["calibration"] == calibration.describe()
+    before, after = calibration_kl(checkpoint, plain, calibration), calibration_kl(checkpoint, tuned, calibration)
+    assert after < 0.9 * before, (before, after)
 
 
 def test_quantizing_a_packed_checkpoint_is_refused():
@@ -280,6 +316,8 @@ def test_quantizing_a_packed_checkpoint_is_refused():
     (dict(group_size=48), "group_size=48 is not a positive multiple of 32"),
     (dict(method="awq", act_order=True), "act_order (--act-order) applies to gptq and awq-gptq, not awq"),
     (dict(damp=0), "damp=0 must lie between 0 and 1"),
+    (dict(tune_steps=-1), "tune_steps=-1 must be 0 (no tuning) or more"),
+    (dict(method="ternary", tune_steps=8), "grid tuning (--tune-steps) applies to scale-and-zero grids, not ternary"),
     (dict(method="hqq"), "unknown quantization method 'hqq'"),
 ])
 def test_impossible_configs_are_refused(options, message):

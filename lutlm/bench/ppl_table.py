@@ -23,6 +23,8 @@ bits per weight reported are those of the group sizes used.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -71,9 +73,9 @@ def scored_row(engine, variant, method, bits, group, bpw, result: PerplexityResu
 
 
 def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternary: bool,
-                  act_order: bool = False) -> list[QuantConfig]:
+                  act_order: bool = False, tune_steps: int = 0) -> list[QuantConfig]:
     configs = [QuantConfig(method=m, bits=b, group_size=g, group_fallback=True,
-                           act_order=act_order and m in GPTQ_METHODS)
+                           act_order=act_order and m in GPTQ_METHODS, tune_steps=tune_steps)
                for g in groups for b in bits for m in methods]
     return ([QuantConfig(method="ternary")] if ternary else []) + configs
 
@@ -86,7 +88,7 @@ def run(args) -> dict:
     bits = [int(b) for b in args.bits.split(",") if b]
     groups = [int(g) for g in args.groups.split(",") if g]
     # Built first: a bad request is refused before any work.
-    configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order)
+    configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order, args.tune_steps)
     use_peer = peer.available() and not args.no_peer
     args.max_chunks = args.max_chunks or None
     torch.set_num_threads(args.threads)
@@ -105,6 +107,7 @@ def run(args) -> dict:
         return result, time.perf_counter() - start
 
     report = {
+        "command": shlex.join(["lutlm", *sys.argv[1:]]),
         "model": source,
         "text": args.text,
         "ctx": args.ctx,
@@ -154,8 +157,8 @@ def run(args) -> dict:
                            time.perf_counter() - start))
 
     for config in tqdm(configs, desc="lutlm rows", unit="row"):
-        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.method in CALIBRATED_METHODS
-                                              else None, progress=False)
+        quantized, info = quantize_checkpoint(checkpoint, config, calibration if config.needs_calibration else None,
+                                              progress=False)
         result, seconds = evaluate(build_model(quantized, backend="reference"))
         group = ("per-tensor" if config.ternary_group is None else f"g{config.ternary_group}") if config.ternary \
             else f"g{config.group_size}"
@@ -202,6 +205,8 @@ def markdown(report: dict) -> str:
         f"included; output head: {report['head']}. lutlm rows run on the exact reference path; llama.cpp rows are "
         f"run and scored by {report['peer']}. 95% interval from the standard error of the mean NLL "
         f"(rows are scored on identical tokens, so their differences are far tighter than the intervals).",
+        "",
+        f"Command: `{report.get('command', 'not recorded')}`, {report['threads']} threads.",
         "",
         "| engine | variant | bits/weight | perplexity | 95% interval | vs source | quantize s |",
         "|---|---|---|---|---|---|---|",
@@ -263,6 +268,8 @@ def add_parser(bench_subparsers) -> None:
     p.add_argument("--groups", default="128,64", help="group sizes, comma-separated (g128 falls back where needed)")
     p.add_argument("--no-ternary", action="store_true", help="leave out the ternary row")
     p.add_argument("--act-order", action="store_true", help="GPTQ rounding in order of decreasing activation energy")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="end-to-end grid tuning steps after each non-ternary quantizer (lutlm quantize --tune-steps)")
     p.add_argument("--peer-types", default=",".join(PEER_TYPES), help="llama.cpp quantizations, comma-separated")
     p.add_argument("--no-peer", action="store_true", help="lutlm rows only, even with llama-cpp-python installed")
     p.add_argument("--calib-sequences", type=int, default=DEFAULT_SEQUENCES)

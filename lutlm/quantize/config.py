@@ -39,6 +39,7 @@ class QuantConfig:
     act_order: bool = False  # GPTQ_METHODS only
     damp: float = 0.01  # GPTQ_METHODS only, as a fraction of the Hessian's mean diagonal
     quantize_head: bool = False  # also quantize lm_head (kept in float by default)
+    tune_steps: int = 0  # steps of end-to-end grid tuning after quantizing (lutlm.quantize.tune); 0: none
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,12 +66,21 @@ class QuantConfig:
                 raise ValueError(f"{name}={size} is not a positive multiple of {GROUP_MULTIPLE}")
         if self.act_order and self.method not in GPTQ_METHODS:
             raise ValueError(f"act_order (--act-order) applies to {' and '.join(GPTQ_METHODS)}, not {self.method}")
+        if self.tune_steps < 0:
+            raise ValueError(f"tune_steps={self.tune_steps} must be 0 (no tuning) or more")
+        if self.tune_steps and self.ternary:
+            raise ValueError("grid tuning (--tune-steps) applies to scale-and-zero grids, not ternary weights")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp} must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")
 
     @property
     def ternary(self) -> bool:
         return self.method == "ternary"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing takes calibration sequences: for activations, or for tuning."""
+        return self.method in CALIBRATED_METHODS or self.tune_steps > 0
 
     def group_size_for(self, layer: str, in_features: int) -> int:
         """The group size used for one layer, or a clear refusal naming the layer and K."""
@@ -98,7 +108,8 @@ class QuantConfig:
         if self.ternary:
             return f"ternary {'per-tensor' if self.ternary_group is None else f'g{self.ternary_group}'}"
         group = "row" if self.group_size is None else f"g{self.group_size}"
-        extras = [flag for flag, on in (("sym", self.symmetric), ("act-order", self.act_order)) if on]
+        extras = [flag for flag, on in (("sym", self.symmetric), ("act-order", self.act_order),
+                                        (f"tuned {self.tune_steps}", self.tune_steps)) if on]
         return " ".join([self.method, f"{self.bits}-bit", group, *extras])
 
     def to_dict(self) -> dict:

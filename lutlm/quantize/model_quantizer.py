@@ -31,6 +31,7 @@ from lutlm.quantize.config import CALIBRATED_METHODS, SCALING_METHODS, QuantConf
 from lutlm.quantize.gptq import quantize_gptq
 from lutlm.quantize.rtn import quantize_rtn
 from lutlm.quantize.ternary import quantize_ternary
+from lutlm.quantize.tune import tune_grids
 
 CALIBRATION_BATCH = 8  # sequences per forward pass: bounds activation memory
 
@@ -234,12 +235,14 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
     """A checkpoint whose linears are packed low-bit weights, and how it was made."""
     plan = plan_group_sizes(checkpoint, config)
     start = time.perf_counter()
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"{config.describe()} needs calibration data")
     if config.method in CALIBRATED_METHODS:
-        if calibration is None:
-            raise ValueError(f"{config.method} needs calibration data")
         packed, float_tensors = quantize_calibrated(checkpoint, config, plan, calibration, progress)
     else:
         packed, float_tensors = quantize_weights_only(checkpoint, config, plan, progress), {}
+    if config.tune_steps:
+        packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps, progress)
     result = QuantizationResult(packed, float_tensors, plan, time.perf_counter() - start)
 
     tensors = {name: t for name, t in checkpoint.tensors.items() if name.removesuffix(".weight") not in packed}
@@ -252,7 +255,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         "group_sizes": plan,
         "bits_per_weight": result.bits_per_weight,
         "seconds": result.seconds,
-        "calibration": calibration.describe() if calibration and config.method in CALIBRATED_METHODS else None,
+        "calibration": calibration.describe() if calibration and config.needs_calibration else None,
     }
     quantized = dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, packed=packed, quantization=info)
     return quantized, result
