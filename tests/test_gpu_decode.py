@@ -57,19 +57,26 @@ def test_add_rms_norm_matches_model(dim, with_delta):
     assert_close_to_scale(out, expected, 4e-3)
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(4, 2, 16, 0), (9, 3, 64, 70), (4, 4, 128, 130)])
-def test_rope_attention_matches_model(n_heads, n_kv, head_dim, pos):
+@pytest.mark.parametrize("splits", [None, 1, 2])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos",
+                         [(4, 2, 16, 0), (9, 3, 64, 70), (4, 4, 128, 130), (4, 2, 64, 1500), (2, 2, 128, 1100)])
+def test_rope_attention_matches_model(n_heads, n_kv, head_dim, pos, splits):
     """q and k rotated as model.py does, k and v cached at `pos` and nowhere else, and the
-    attention over positions 0..pos against SDPA. The cache holds random values elsewhere: those
-    past `pos` must not be read."""
+    attention over positions 0..pos against SDPA, with the positions read by one program per
+    head, or by several whose results are merged (None: the default, 4 under the interpreter;
+    position 0 leaves all splits but the last empty). The cache holds random values elsewhere:
+    those past `pos` must not be read. The last two cases span several blocks of cached positions
+    per split (gpu_ops.ATTENTION_TILE), the online softmax's rescaling between blocks."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     qkv = randn((n_heads + 2 * n_kv) * head_dim, seed=pos)
-    cache_len = 160
+    cache_len = pos + 30
     k_cache, v_cache = randn(1, n_kv, cache_len, head_dim, seed=3), randn(1, n_kv, cache_len, head_dim, seed=4)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     out = torch.empty(n_heads, head_dim, dtype=torch.float16, device=DEVICE)
     position = torch.tensor([pos], dtype=torch.int32, device=DEVICE)
-    gpu_ops.rope_attention(qkv, inv_freq.to(DEVICE), position, k_cache, v_cache, out)
+    for _ in range(2):  # the second call sees what the first left: merge counts back at zero
+        out.zero_()
+        gpu_ops.rope_attention(qkv, inv_freq.to(DEVICE), position, k_cache, v_cache, out, splits)
 
     cos, sin = rope_tables(inv_freq, pos, 1, torch.float16)
     q, k, v = qkv.cpu().split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
