@@ -51,15 +51,17 @@ class TunableLinear(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.zero = nn.Parameter(packed.zeros.float().unsqueeze(-1))
 
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * self.log_scale.exp()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale0 * self.log_scale.exp()
-        weight = scale * (self.codes.float() - self.zero)
+        weight = self.scale() * (self.codes.float() - self.zero)
         return F.linear(x, weight.view(self.packed.out_features, self.packed.in_features))
 
     def tuned(self) -> PackedWeight:
         """The packed weight with the tuned grid, rounded to fp16 as the format stores it."""
-        scale = (self.scale0 * self.log_scale.exp()).squeeze(-1)
-        return dataclasses.replace(self.packed, scales=scale.detach().half(), zeros=self.zero.detach().squeeze(-1).half())
+        return dataclasses.replace(self.packed, scales=self.scale().detach().squeeze(-1).half(),
+                                   zeros=self.zero.detach().squeeze(-1).half())
 
 
 def is_norm(name: str) -> bool:
