@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
 pip install --no-deps --no-build-isolation -e . > /tmp/pip.log 2>&1 || { tail /tmp/pip.log; exit 1; }
 python3 -m pytest -q ${GPU_TESTS:-tests/test_kernels_gpu.py tests/test_gpu_decode.py} > "$OUT/pytest.log" 2>&1
 tail -1 "$OUT/pytest.log"
-python3 -m lutlm.bench.gpu_kernels --models llama2-7b,llama2-70b --gpu-bits 2,3,4 --gpu-batch 1,16,256 --tune \
+python3 -m lutlm.bench.gpu_kernels --models llama2-7b,llama2-70b --gpu-bits 2,3,4 --gpu-batch 1,4,8,16,256 --tune \
     --out /tmp/tuning_rows.json > "$OUT/tuning.log" 2>&1
 cp lutlm/kernels/gpu_tuning.json "$OUT/"
 python3 -c "

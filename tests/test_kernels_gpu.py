@@ -195,6 +195,18 @@ def test_dispatcher_reads_the_table():
     assert gpu_tuning.choose([], "2bit-g128", 4096, 4096, 300) == gpu_tuning.default_plan(300)
 
 
+def test_tuning_replaces_only_the_entries_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test device")
+    path = tmp_path / "table.json"
+    gpu_tuning.save_table([{"weights": "4bit-g128", "n": 4096, "k": 4096, "batch": b, "best": GEMV.to_dict()}
+                           for b in (1, 4)], path)
+    gpu_tuning.save_table([{"weights": "4bit-g128", "n": 4096, "k": 4096, "batch": 4, "best": GEMM.to_dict()}], path)
+    table = gpu_tuning.load_table(path)
+    assert len(table) == 2
+    assert gpu_tuning.choose(table, "4bit-g128", 4096, 4096, 1) == GEMV
+    assert gpu_tuning.choose(table, "4bit-g128", 4096, 4096, 3) == GEMM
+
+
 def test_lut_layout_only_when_routed():
     w = random_packed(24, 320, 2, 64)
     assert gpu.prepare(w, with_lut=False).lut is None

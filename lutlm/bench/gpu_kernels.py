@@ -7,7 +7,8 @@ dispatcher chooses, the best time of each kernel (table lookup, dequantize), cuB
 copy bandwidth measured in the same run, and the roofline time (weight bytes over that
 bandwidth). Times are medians (with 25th/75th percentiles) of CUDA-graph replays, each of 40
 launches over enough weight copies to overflow L2 (see lutlm.kernels.gpu_tuning). With
---tune every candidate configuration is timed and the winners are written to the tuning table.
+--tune every candidate configuration is timed and the winners are written to the tuning table
+(replacing the entries of the same weights, shape and batch, keeping the others).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def add_cuda_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the cuda branch of `lutlm bench kernels`."""
     p.add_argument("--models", default=",".join(MODEL_SHAPES), help="comma-separated: " + ", ".join(MODEL_SHAPES))
     p.add_argument("--gpu-bits", default="2,3,4,ternary", help="comma-separated: 2, 3, 4, ternary")
-    p.add_argument("--gpu-batch", default="1,4,16,64,256", help="comma-separated batch sizes")
+    p.add_argument("--gpu-batch", default="1,4,8,16,64,256", help="comma-separated batch sizes")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--tune", action="store_true", help="time every candidate and write the tuning table")
     p.add_argument("--table", type=Path, help="tuning table to write with --tune (default: the package's)")

@@ -204,6 +204,13 @@ def tune_case(handles: list, x: torch.Tensor) -> dict:
 
 
 def save_table(entries: list[dict], path: Path = TABLE_PATH) -> None:
+    """Write the tuned entries, keeping the table's other entries: an entry replaces the one of
+    the same weights, shape and batch, so that tuning a few batches or shapes leaves the rest."""
+    def key(e: dict) -> tuple:
+        return e["weights"], e["n"], e["k"], e["batch"]
+
+    tuned = {key(e) for e in entries}
+    entries = [e for e in load_table(path) if key(e) not in tuned] + entries
     table = {"device": torch.cuda.get_device_name(), "timing": "CUDA-graph replays, weights cycled past L2",
              "entries": entries}
     path.write_text(json.dumps(table, indent=1) + "\n")
