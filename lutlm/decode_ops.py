@@ -98,7 +98,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
                            ("k_cache", k_cache, (n_kv, max_seq, head_dim)),
                            ("v_cache", v_cache, (n_kv, max_seq, head_dim))):
         _check(name, t, shape)
-    scores, out = torch.empty(pos + 1), torch.empty(n_heads, head_dim)
+    scores, out = torch.empty(n_heads // n_kv * (pos + 1)), torch.empty(n_heads, head_dim)
     library().lutlm_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                k_cache.data_ptr(), v_cache.data_ptr(), n_heads, n_kv, head_dim, max_seq, pos,
                                scores.data_ptr(), out.data_ptr())

@@ -115,7 +115,7 @@ class FastDecoder:
         m = self.model
         self.max_seq = m.max_seq_len
         self._cos, self._sin = rope_tables(m.inv_freq, 0, self.max_seq, torch.float32)
-        self._scores = torch.zeros(self.max_seq)
+        self._scores = torch.zeros(self.n_heads // self.n_kv_heads * self.max_seq)  # a query group's
         layers = list(m.model.layers)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [m.model.norm]
         self._layers = []

@@ -46,7 +46,7 @@ class LlamaCpp:
 
         with _quiet_stderr():
             self.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+                model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),  # prompts up to n_ctx
                 n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False,
             )
         self.n_ctx = n_ctx

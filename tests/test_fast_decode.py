@@ -65,7 +65,10 @@ def reference_attention(q, k, v, cos, sin, k_cache, v_cache, pos):
     return out.squeeze(1), k_cache, v_cache
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(1, 1, 2, 0), (6, 2, 10, 37), (9, 3, 64, 130), (4, 4, 128, 5)])
+# Head sizes 64 and 128 take blocks of 16 cached rows, then 4, then single rows (pos + 1 = 16,
+# 38 = 2 * 16 + 4 + 2, 131 = 8 * 16 + 3); other sizes the generic loops of 4 and 1 rows.
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(1, 1, 2, 0), (6, 2, 10, 37), (9, 3, 64, 130), (4, 4, 128, 5),
+                                                       (8, 2, 64, 15), (32, 8, 128, 37), (4, 1, 48, 70)])
 def test_attend_one_matches_model_attention(n_heads, n_kv, head_dim, pos):
     torch.manual_seed(pos)
     max_seq = pos + 3

@@ -71,6 +71,47 @@ INLINE void dot4(const float *q, const float *k, int64_t n, float *out) {
     out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
+
+/* 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones (GCC >= 12 or Clang vectors). */
+typedef float vec16 __attribute__((vector_size(64)));
+
+INLINE vec16 load16(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Lane s of the result: the sum of the 16 lanes of a[s]. Four levels, each adding the
+ * halves of pairs of vectors side by side, so that 16 dot products cost 15 shuffle pairs
+ * and adds instead of 16 separate reductions. */
+INLINE vec16 sum_lanes16(const vec16 *a) {
+    vec16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* q . k for 16 consecutive rows k[0..15][HD], HD a multiple of 16. */
+template <int HD>
+INLINE void dot16(const float *q, const float *k, float *out) {
+    vec16 qv[HD / 16], acc[16];
+    for (int i = 0; i < HD / 16; i++) qv[i] = load16(q + 16 * i);
+    for (int s = 0; s < 16; s++) {
+        acc[s] = qv[0] * load16(k + s * HD);
+        for (int i = 1; i < HD / 16; i++) acc[s] += qv[i] * load16(k + s * HD + 16 * i);
+    }
+    const vec16 sums = sum_lanes16(acc);
+    memcpy(out, &sums, sizeof sums);
+}
+
 /* e^x in float, written so that loops over it vectorize (a call to expf does not): Cephes'
  * expf, e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by a degree-7
  * polynomial. Relative error below 2e-7 (about two ulp, as expf's own one or two); inputs
@@ -123,56 +164,87 @@ API CLONES void lutlm_silu_mul(const float *gate, const float *up, int64_t n, fl
 
 /* One query token at position `pos` (q [n_heads][head_dim], k and v [n_kv_heads][head_dim]):
  * rotates q and k in place, stores k and v at `pos` of the caches, and writes the attention
- * output [n_heads][head_dim] over positions 0..pos. `scores` holds pos + 1 floats. Query
- * head h reads key/value head h / (n_heads / n_kv_heads), as grouped-query attention does. */
+ * output [n_heads][head_dim] over positions 0..pos. Query head h reads key/value head
+ * h / (n_heads / n_kv_heads), as grouped-query attention does; the query heads of one
+ * key/value head are taken together, so that each cached row is read from memory once for
+ * all of them (the cache, not the arithmetic, bounds this at long contexts). `scores` holds
+ * (n_heads / n_kv_heads) * (pos + 1) floats. */
+template <int HD>
+INLINE void attend(float *q, float *k, const float *v, const float *cos, const float *sin,
+                                 float *k_cache, float *v_cache, int64_t n_heads, int64_t n_kv_heads,
+                                 int64_t head_dim_arg, int64_t max_seq, int64_t pos, float *scores, float *out) {
+    const int64_t head_dim = HD ? HD : head_dim_arg;
+    const int64_t head_stride = max_seq * head_dim, group = n_heads / n_kv_heads;
+    const int64_t n = pos + 1, n4 = n - n % 4;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int64_t h = 0; h < n_heads; h++) rotate(q + h * head_dim, cos, sin, head_dim);
+    for (int64_t g = 0; g < n_kv_heads; g++) {
+        float *kh = k + g * head_dim;
+        rotate(kh, cos, sin, head_dim);
+        const float *keys = k_cache + g * head_stride, *values = v_cache + g * head_stride;
+        float *kc = k_cache + g * head_stride + pos * head_dim, *vc = v_cache + g * head_stride + pos * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) {
+            kc[d] = kh[d];
+            vc[d] = v[g * head_dim + d];
+        }
+        const float *qg = q + g * group * head_dim;
+        float *og = out + g * group * head_dim;
+        /* Scores: blocks of 16 cached rows (4 where the head size is not templated, then single
+         * rows), each block against every query head of the group while it is in L1. */
+        int64_t done = 0;
+        if constexpr (HD % 16 == 0 && HD > 0) {
+            for (; done + 16 <= n; done += 16)
+                for (int64_t j = 0; j < group; j++) dot16<HD>(qg + j * head_dim, keys + done * head_dim, scores + j * n + done);
+        }
+        for (int64_t s = done; s + 4 <= n; s += 4)
+            for (int64_t j = 0; j < group; j++) dot4(qg + j * head_dim, keys + s * head_dim, head_dim, scores + j * n + s);
+        for (int64_t s = n4; s < n; s++)
+            for (int64_t j = 0; j < group; j++) scores[j * n + s] = dot(qg + j * head_dim, keys + s * head_dim, head_dim);
+        for (int64_t j = 0; j < group; j++) {
+            float *sj = scores + j * n, top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top)
+            for (int64_t s = 0; s < n; s++) {
+                sj[s] *= scale;
+                top = sj[s] > top ? sj[s] : top;
+            }
+#pragma omp simd reduction(+ : total)
+            for (int64_t s = 0; s < n; s++) {
+                sj[s] = exp_vec(sj[s] - top);
+                total += sj[s];
+            }
+            const float inv_total = 1.0f / total;  /* normalized here: the outputs need no second pass */
+#pragma omp simd
+            for (int64_t s = 0; s < n; s++) sj[s] *= inv_total;
+        }
+        /* out = sum_s p_s v_s, four positions per pass over each output row. */
+        for (int64_t d = 0; d < group * head_dim; d++) og[d] = 0.0f;
+        for (int64_t s = 0; s < n4; s += 4) {
+            const float *v0 = values + s * head_dim, *v1 = v0 + head_dim, *v2 = v1 + head_dim, *v3 = v2 + head_dim;
+            for (int64_t j = 0; j < group; j++) {
+                const float *p = scores + j * n + s;
+                const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+                float *__restrict oj = og + j * head_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) oj[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+            }
+        }
+        for (int64_t s = n4; s < n; s++) {
+            const float *vs = values + s * head_dim;
+            for (int64_t j = 0; j < group; j++) {
+                const float p = scores[j * n + s];
+                float *__restrict oj = og + j * head_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) oj[d] += p * vs[d];
+            }
+        }
+    }
+}
+
 API CLONES void lutlm_attend_one(float *q, float *k, const float *v, const float *cos, const float *sin,
                                  float *k_cache, float *v_cache, int64_t n_heads, int64_t n_kv_heads,
                                  int64_t head_dim, int64_t max_seq, int64_t pos, float *scores, float *out) {
-    const int64_t head_stride = max_seq * head_dim, group = n_heads / n_kv_heads;
-    for (int64_t h = 0; h < n_kv_heads; h++) {
-        float *kh = k + h * head_dim;
-        rotate(kh, cos, sin, head_dim);
-        float *kc = k_cache + h * head_stride + pos * head_dim, *vc = v_cache + h * head_stride + pos * head_dim;
-        for (int64_t d = 0; d < head_dim; d++) {
-            kc[d] = kh[d];
-            vc[d] = v[h * head_dim + d];
-        }
-    }
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    for (int64_t h = 0; h < n_heads; h++) {
-        float *qh = q + h * head_dim, *oh = out + h * head_dim;
-        rotate(qh, cos, sin, head_dim);
-        const float *keys = k_cache + (h / group) * head_stride, *values = v_cache + (h / group) * head_stride;
-        const int64_t n = pos + 1, n4 = n - n % 4;
-        for (int64_t s = 0; s < n4; s += 4) dot4(qh, keys + s * head_dim, head_dim, scores + s);
-        for (int64_t s = n4; s < n; s++) scores[s] = dot(qh, keys + s * head_dim, head_dim);
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t s = 0; s < n; s++) {
-            scores[s] *= scale;
-            top = scores[s] > top ? scores[s] : top;
-        }
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t s = 0; s < n; s++) {
-            scores[s] = exp_vec(scores[s] - top);
-            total += scores[s];
-        }
-        /* out = sum_s p_s v_s, four positions per pass over the output row; normalized once. */
-        for (int64_t d = 0; d < head_dim; d++) oh[d] = 0.0f;
-        for (int64_t s = 0; s < n4; s += 4) {
-            const float p0 = scores[s], p1 = scores[s + 1], p2 = scores[s + 2], p3 = scores[s + 3];
-            const float *v0 = values + s * head_dim, *v1 = v0 + head_dim, *v2 = v1 + head_dim, *v3 = v2 + head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) oh[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
-        }
-        for (int64_t s = n4; s < n; s++) {
-            const float p = scores[s], *vs = values + s * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) oh[d] += p * vs[d];
-        }
-        const float inv_total = 1.0f / total;
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; d++) oh[d] *= inv_total;
-    }
+    /* The common head sizes with the size known at compile time: their loops unroll into registers. */
+    if (head_dim == 64) attend<64>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
+    else if (head_dim == 128) attend<128>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
+    else attend<0>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
 }
