@@ -23,8 +23,10 @@ def _load() -> ctypes.CDLL | None:
     lib.lutlm_rmsnorm.argtypes = [_P, _P, _I64, _F32, _P]
     lib.lutlm_add_rmsnorm.argtypes = [_P, _P, _P, _I64, _F32, _P]
     lib.lutlm_silu_mul.argtypes = [_P, _P, _I64, _P]
-    lib.lutlm_attend_one.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
-    for fn in (lib.lutlm_rmsnorm, lib.lutlm_add_rmsnorm, lib.lutlm_silu_mul, lib.lutlm_attend_one):
+    for fn in (lib.lutlm_attend_one, lib.lutlm_attend_one_f16):
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
+    for fn in (lib.lutlm_rmsnorm, lib.lutlm_add_rmsnorm, lib.lutlm_silu_mul, lib.lutlm_attend_one,
+               lib.lutlm_attend_one_f16):
         fn.restype = None
     return lib
 
@@ -44,10 +46,22 @@ def library() -> ctypes.CDLL:
     return _lib
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}"
-                         f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+CACHE_DTYPES = (torch.float32, torch.float16)
+MAX_HEAD_DIM = 256  # runtime_csrc/decode_ops.cpp's MAX_HEAD_DIM: its buffer of widened fp16 rows
+
+
+def attend_function(cache_dtype: torch.dtype):
+    """The C attention for a KV cache of `cache_dtype` (float32 or float16)."""
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"the decode attention takes a float32 or float16 KV cache, not {cache_dtype}")
+    lib = library()
+    return lib.lutlm_attend_one if cache_dtype == torch.float32 else lib.lutlm_attend_one_f16
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {str(dtype).removeprefix('torch.')} CPU tensor, got {t.dtype} "
+                         f"on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
 
@@ -85,21 +99,25 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
     """Attention of one token at `pos`: q [H, D], k and v [Hkv, D], cos and sin [D], caches
-    [Hkv, S, D]. Rotates q and k in place, writes k and v into the caches at `pos`, and
-    returns the output [H, D] over positions 0..pos."""
+    [Hkv, S, D], float32 or float16 both. Rotates q and k in place, writes k and v into the
+    caches at `pos` (rounded to the caches' type), and returns the output [H, D] over
+    positions 0..pos."""
     n_heads, head_dim = q.shape
     n_kv, max_seq, _ = k_cache.shape
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"heads of {head_dim} values: the decode attention takes up to {MAX_HEAD_DIM}")
     if head_dim % 2 or n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads of size {head_dim} cannot attend over {n_kv} key/value heads")
     if not 0 <= pos < max_seq:
         raise ValueError(f"position {pos} is outside the cache of {max_seq} positions")
+    attend = attend_function(k_cache.dtype)
     for name, t, shape in (("q", q, (n_heads, head_dim)), ("k", k, (n_kv, head_dim)), ("v", v, (n_kv, head_dim)),
-                           ("cos", cos, (head_dim,)), ("sin", sin, (head_dim,)),
-                           ("k_cache", k_cache, (n_kv, max_seq, head_dim)),
-                           ("v_cache", v_cache, (n_kv, max_seq, head_dim))):
+                           ("cos", cos, (head_dim,)), ("sin", sin, (head_dim,))):
         _check(name, t, shape)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(name, t, (n_kv, max_seq, head_dim), k_cache.dtype)
     scores, out = torch.empty(n_heads // n_kv * (pos + 1)), torch.empty(n_heads, head_dim)
-    library().lutlm_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                               k_cache.data_ptr(), v_cache.data_ptr(), n_heads, n_kv, head_dim, max_seq, pos,
-                               scores.data_ptr(), out.data_ptr())
+    attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+           k_cache.data_ptr(), v_cache.data_ptr(), n_heads, n_kv, head_dim, max_seq, pos, scores.data_ptr(),
+           out.data_ptr())
     return out

@@ -47,6 +47,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         for name in LAYER_LINEARS:
             if not _on_cpu_kernels(layer.get_submodule(name)):
                 return f"model.layers.{i}.{name} is not a packed linear on the CPU kernels"
+    if model.config.head_dim > decode_ops.MAX_HEAD_DIM:
+        return f"heads of {model.config.head_dim} values (the decode attention takes up to {decode_ops.MAX_HEAD_DIM})"
     head = model.lm_head
     if not _on_cpu_kernels(head) and not (isinstance(head, nn.Linear) and head.weight.dtype == torch.float32):
         return "lm_head is neither a packed linear on the CPU kernels nor a float32 linear"
@@ -116,6 +118,7 @@ class FastDecoder:
         self.max_seq = m.max_seq_len
         self._cos, self._sin = rope_tables(m.inv_freq, 0, self.max_seq, torch.float32)
         self._scores = torch.zeros(self.n_heads // self.n_kv_heads * self.max_seq)  # a query group's
+        self._attend = decode_ops.attend_function(m.model.layers[0].self_attn.k_cache.dtype)
         layers = list(m.model.layers)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [m.model.norm]
         self._layers = []
@@ -161,7 +164,7 @@ class FastDecoder:
         ctypes.memmove(self.ptr["x"], self._embed.data_ptr() + token * row, row)
         self._first_norm()
         cos, sin = _ptr(self._cos, pos * self.head_dim), _ptr(self._sin, pos * self.head_dim)
-        p, attend, scores = self.ptr, self._ops.lutlm_attend_one, _ptr(self._scores)
+        p, attend, scores = self.ptr, self._attend, _ptr(self._scores)
         for before, (k_cache, v_cache), after in self._layers:
             if any(call() for call in before):  # the kernels return nonzero on a rejected call
                 raise RuntimeError("the CPU kernels rejected a decode-step matmul")

@@ -13,6 +13,11 @@ from lutlm.gpu_decode import gpu_decoder_for
 from lutlm.model import Transformer
 from lutlm.tokenizer import Tokenizer
 
+# The KV cache of generation: float16 whatever the model's type, as llama.cpp keeps it (half
+# the memory, and half of what each decode step reads at long contexts). Scoring (perplexity)
+# keeps the model's own type.
+GENERATION_CACHE_DTYPE = torch.float16
+
 
 @dataclass
 class SamplingParams:
@@ -116,7 +121,7 @@ class Generator:
                 f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"context length {self.context_length}"
             )
-        self.model.setup_cache(1, self.context_length)
+        self.model.setup_cache(1, self.context_length, dtype=GENERATION_CACHE_DTYPE)
         rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         reuse = 0
         while reuse < min(len(self._cached), len(prompt) - 1) and self._cached[reuse] == prompt[reuse]:

@@ -91,8 +91,8 @@ class Attention(nn.Module):
         end = start_pos + seq
         self.k_cache[:batch, :, start_pos:end] = k
         self.v_cache[:batch, :, start_pos:end] = v
-        keys = self.k_cache[:batch, :, :end]
-        values = self.v_cache[:batch, :, :end]
+        keys = self.k_cache[:batch, :, :end].to(q.dtype)  # a copy only where the cache is narrower
+        values = self.v_cache[:batch, :, :end].to(q.dtype)
 
         if seq == 1:
             mask = None  # one new token attends to everything cached
@@ -148,16 +148,19 @@ class Transformer(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
 
-    def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
-        """Preallocate the KV cache; generation never allocates per token."""
+    def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate the KV cache; generation never allocates per token. `dtype`: the cache's
+        (default the model's float type); generation keeps it in float16, as llama.cpp does,
+        which halves what a decode step reads at long contexts."""
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"context {max_seq_len} exceeds the model's {self.config.max_position_embeddings} positions"
             )
-        if max_batch <= self.max_batch and max_seq_len <= self.max_seq_len:
+        dtype = dtype or self.model.norm.weight.dtype
+        cache = self.model.layers[0].self_attn.k_cache
+        if cache is not None and max_batch <= self.max_batch and max_seq_len <= self.max_seq_len and cache.dtype == dtype:
             return
         c = self.config
-        dtype = self.model.norm.weight.dtype
         device = self.model.norm.weight.device
         for layer in self.model.layers:
             shape = (max_batch, c.num_key_value_heads, max_seq_len, c.head_dim)

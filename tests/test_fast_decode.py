@@ -56,12 +56,14 @@ def test_silu_mul_matches_torch(n):
 
 
 def reference_attention(q, k, v, cos, sin, k_cache, v_cache, pos):
-    """lutlm.model.Attention's arithmetic for one token, on copies of the caches."""
+    """lutlm.model.Attention's arithmetic for one token, on copies of the caches (read in
+    float32 whatever their type, as the model reads them)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     k_cache[:, pos], v_cache[:, pos] = k, v
-    out = F.scaled_dot_product_attention(q.unsqueeze(1), k_cache[:, : pos + 1], v_cache[:, : pos + 1], enable_gqa=True)
+    keys, values = k_cache[:, : pos + 1].float(), v_cache[:, : pos + 1].float()
+    out = F.scaled_dot_product_attention(q.unsqueeze(1), keys, values, enable_gqa=True)
     return out.squeeze(1), k_cache, v_cache
 
 
@@ -69,18 +71,41 @@ def reference_attention(q, k, v, cos, sin, k_cache, v_cache, pos):
 # 38 = 2 * 16 + 4 + 2, 131 = 8 * 16 + 3); other sizes the generic loops of 4 and 1 rows.
 @pytest.mark.parametrize("n_heads,n_kv,head_dim,pos", [(1, 1, 2, 0), (6, 2, 10, 37), (9, 3, 64, 130), (4, 4, 128, 5),
                                                        (8, 2, 64, 15), (32, 8, 128, 37), (4, 1, 48, 70)])
-def test_attend_one_matches_model_attention(n_heads, n_kv, head_dim, pos):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_attend_one_matches_model_attention(n_heads, n_kv, head_dim, pos, cache_dtype):
     torch.manual_seed(pos)
     max_seq = pos + 3
     q, k, v = torch.randn(n_heads, head_dim), torch.randn(n_kv, head_dim), torch.randn(n_kv, head_dim)
-    k_cache, v_cache = torch.randn(n_kv, max_seq, head_dim), torch.randn(n_kv, max_seq, head_dim)
+    k_cache = torch.randn(n_kv, max_seq, head_dim).to(cache_dtype)
+    v_cache = torch.randn(n_kv, max_seq, head_dim).to(cache_dtype)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     cos, sin = (t[pos].contiguous() for t in rope_tables(inv_freq, 0, max_seq, torch.float32))
     expected, expected_k, expected_v = reference_attention(q, k, v, cos, sin, k_cache, v_cache, pos)
     out = decode_ops.attend_one(q.clone(), k.clone(), v, cos, sin, k_cache, v_cache, pos)
-    torch.testing.assert_close(out, expected, **TOL)
-    torch.testing.assert_close(k_cache, expected_k, **TOL)
-    assert torch.equal(v_cache, expected_v)  # values are copied, not computed
+    # The rotated key is a float rounded to the cache's type; in float16 C and PyTorch may
+    # round their (differently contracted) rotations to neighbouring values, 2^-11 apart
+    # relative, which moves the output by about as much at most.
+    tol = TOL if cache_dtype == torch.float32 else dict(rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(k_cache, expected_k, **tol)
+    assert torch.equal(v_cache, expected_v)  # values are copied (and rounded alike), not computed
+
+
+def test_float16_cache_reads_every_kind_of_value_exactly():
+    """The fp16 cache is widened by bit operations: zeros of both signs, subnormals, the
+    largest normals. With a zero query every position weighs 1/5, and every position holds
+    the same values, so the output is those values as PyTorch widens them (to float rounding
+    of the weights: a relative bound, which a subnormal read as zero would break)."""
+    special = torch.tensor([0.0, -0.0, 2.0**-24, -(2.0**-20), 6.1e-5, -1.0, 3.14159, 65504.0, -65504.0, 1e-3,
+                            -7.5, 2.0**-14, 1024.5, -0.33, 0.5, 100.0], dtype=torch.float16)
+    head_dim, pos = 16, 4  # a block of 4 rows, then one row
+    v_cache = special.repeat(1, pos + 2, 1)
+    k_cache = torch.randn(1, pos + 2, head_dim).half()
+    v = v_cache[:, pos].float().clone()
+    ones, zeros = torch.ones(head_dim), torch.zeros(head_dim)
+    out = decode_ops.attend_one(torch.zeros(1, head_dim), torch.zeros(1, head_dim), v, ones, zeros,
+                                k_cache, v_cache, pos)
+    torch.testing.assert_close(out[0], special.float(), rtol=1e-6, atol=0.0)
 
 
 def test_helpers_refuse_bad_input_with_clear_messages():
@@ -96,6 +121,13 @@ def test_helpers_refuse_bad_input_with_clear_messages():
         decode_ops.attend_one(q, kv, kv, x, x, cache, cache, 5)
     with pytest.raises(ValueError, match="3 query heads of size 8 cannot attend over 2 key/value heads"):
         decode_ops.attend_one(torch.randn(3, 8), kv, kv, x, x, cache, cache, 0)
+    with pytest.raises(ValueError, match="heads of 258 values: the decode attention takes up to 256"):
+        decode_ops.attend_one(torch.randn(1, 258), torch.randn(1, 258), torch.randn(1, 258), torch.randn(258),
+                              torch.randn(258), torch.zeros(1, 2, 258), torch.zeros(1, 2, 258), 0)
+    with pytest.raises(ValueError, match="float32 or float16 KV cache, not torch.bfloat16"):
+        decode_ops.attend_one(q, kv, kv, x, x, cache.bfloat16(), cache.bfloat16(), 0)
+    with pytest.raises(ValueError, match="v_cache must be a contiguous float16 CPU tensor, got torch.float32"):
+        decode_ops.attend_one(q, kv, kv, x, x, cache.half(), cache, 0)
 
 
 # ---- whole decode steps ----
@@ -140,12 +172,13 @@ def packed_checkpoint(config: ModelConfig, bits: int = 4, group: int | None = 32
     return Checkpoint(c, tensors, TokenizerSpec(), source="test", packed=packed)
 
 
-def forward_then_fast(checkpoint: Checkpoint, steps: int = 6):
+def forward_then_fast(checkpoint: Checkpoint, steps: int = 6, cache_dtype: torch.dtype | None = None):
     """Logits of `steps` tokens from position 0: the reference backend's model.forward on the
-    whole sequence, and a FastDecoder (CPU kernels, float tables) one token at a time."""
+    whole sequence, and a FastDecoder (CPU kernels, float tables) one token at a time, both
+    over KV caches of `cache_dtype` (default the model's float32)."""
     reference, fast_model = build_model(checkpoint, "reference"), build_model(checkpoint, "cpu")
-    fast_model.setup_cache(1, checkpoint.config.max_position_embeddings)
-    reference.setup_cache(1, checkpoint.config.max_position_embeddings)
+    fast_model.setup_cache(1, checkpoint.config.max_position_embeddings, cache_dtype)
+    reference.setup_cache(1, checkpoint.config.max_position_embeddings, cache_dtype)
     decoder = FastDecoder(fast_model, table_mode="float")
     tokens = torch.randint(0, checkpoint.config.vocab_size, (1, steps), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -171,11 +204,14 @@ def test_fast_steps_match_forward(overrides, bits, group, pack_head):
     torch.testing.assert_close(got, expected, **STEP_TOL)
 
 
-def test_fast_steps_match_forward_on_smollm2_shapes():
-    """Real shapes: SmolLM2-135M's widths (576, 1536, 9 heads over 3 KV heads, head size 64)."""
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_fast_steps_match_forward_on_smollm2_shapes(cache_dtype):
+    """Real shapes: SmolLM2-135M's widths (576, 1536, 9 heads over 3 KV heads, head size 64),
+    over the float32 cache of scoring and the float16 one of generation."""
     config = tiny_config(vocab_size=300, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=2, tie_word_embeddings=True)
-    expected, got = forward_then_fast(packed_checkpoint(config, 4, 64, pack_head=True), steps=3)
+    expected, got = forward_then_fast(packed_checkpoint(config, 4, 64, pack_head=True), steps=3,
+                                      cache_dtype=cache_dtype)
     torch.testing.assert_close(got, expected, **STEP_TOL)
 
 
@@ -190,7 +226,9 @@ def test_cache_reallocation_is_followed():
         decoder(3, 0)
         model.setup_cache(1, 32)  # a new, larger cache: the decoder must rebind to it
         decoder(3, 0)
-        reference.setup_cache(1, 32)
+        model.setup_cache(1, 32, torch.float16)  # the same size in float16: rebind to its attention
+        decoder(3, 0)
+        reference.setup_cache(1, 32, torch.float16)
         reference(torch.tensor([[3]]), 0)
         got = decoder(5, 1)
         expected = reference(torch.tensor([[5]]), 1)[0, -1]
@@ -211,6 +249,8 @@ def test_unsupported_models_fall_back_with_a_reason():
     with pytest.raises(ValueError, match="unknown table mode 'exact'"):
         FastDecoder(build_model(checkpoint, "cpu"), table_mode="exact")
     assert isinstance(fast_decoder_for(build_model(checkpoint, "cpu")), FastDecoder)
+    wide_heads = packed_checkpoint(tiny_config(hidden_size=288, num_attention_heads=1, num_key_value_heads=1))
+    assert unsupported_reason(build_model(wide_heads, "cpu")) == "heads of 288 values (the decode attention takes up to 256)"
 
 
 def test_matmuls_only_runs_the_step_products():

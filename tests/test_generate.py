@@ -37,7 +37,7 @@ class ScriptedModel:
         self.calls: list[tuple[list[int], int]] = []
         self.vocab = vocab
 
-    def setup_cache(self, batch, seq):
+    def setup_cache(self, batch, seq, dtype=None):
         pass
 
     def __call__(self, tokens, start_pos, last_logits_only=False):

@@ -51,6 +51,7 @@ from lutlm.bench import synthetic
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.formats import Checkpoint, load_checkpoint
 from lutlm.formats.gguf import linear_storage
+from lutlm.generate import GENERATION_CACHE_DTYPE
 from lutlm.kernels import cpu
 
 MODELS = ("smollm2", "llama2-7b", "llama3-8b")
@@ -65,7 +66,7 @@ class LutlmRunner:
 
     def __init__(self, model, context: int):
         self.model = model
-        model.setup_cache(1, context)
+        model.setup_cache(1, context, dtype=GENERATION_CACHE_DTYPE)
         self.fast_decoder = fast_decoder_for(model)
         self.logits = torch.zeros(model.config.vocab_size)
         self.pos = 0

@@ -11,8 +11,8 @@
  *     lutlm_attend_one    RoPE on q and k, k and v into the cache, attention of one query
  *     lutlm_silu_mul      a = silu(gate) * up
  *
- * All tensors are contiguous float32, all memory belongs to the caller (nothing is
- * allocated per call). Each function is compiled three times (AVX-512, AVX2, baseline
+ * All tensors are contiguous float32 (the KV cache float32 or fp16), all memory belongs to
+ * the caller (nothing is allocated per call). Each function is compiled three times (AVX-512, AVX2, baseline
  * x86-64) with target_clones; the loader picks one at run time, so the library runs on any
  * x86-64 CPU. The arithmetic follows lutlm/model.py (the reference the tests compare with);
  * only the order of float additions differs.
@@ -25,6 +25,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 
 #define API extern "C" __attribute__((visibility("default")))
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -169,23 +171,56 @@ API CLONES void lutlm_silu_mul(const float *gate, const float *up, int64_t n, fl
  * key/value head are taken together, so that each cached row is read from memory once for
  * all of them (the cache, not the arithmetic, bounds this at long contexts). `scores` holds
  * (n_heads / n_kv_heads) * (pos + 1) floats. */
-template <int HD>
-INLINE void attend(float *q, float *k, const float *v, const float *cos, const float *sin,
-                                 float *k_cache, float *v_cache, int64_t n_heads, int64_t n_kv_heads,
-                                 int64_t head_dim_arg, int64_t max_seq, int64_t pos, float *scores, float *out) {
+/* Cached rows as floats: float rows as they are, fp16 ones converted once into `buf` (then
+ * used by every query head of the group). */
+template <typename T>
+INLINE const float *as_float(const T *rows, int64_t count, float *buf) {
+    if constexpr (std::is_same_v<T, float>) {
+        return rows;
+    } else {
+        /* 16 at a time with integer operations: the exponent and mantissa bits moved into
+         * place and rescaled by 2^112, which also handles subnormals (finite values only) */
+        typedef uint16_t u16x16 __attribute__((vector_size(32)));
+        typedef uint32_t u32x16 __attribute__((vector_size(64)));
+        int64_t i = 0;
+        for (; i + 16 <= count; i += 16) {
+            u16x16 h;
+            memcpy(&h, rows + i, sizeof h);
+            const u32x16 w = __builtin_convertvector(h, u32x16);
+            const u32x16 magnitude = (w & 0x7fffu) << 13;
+            vec16 f;
+            memcpy(&f, &magnitude, sizeof f);
+            f *= 0x1p112f;
+            u32x16 bits;
+            memcpy(&bits, &f, sizeof bits);
+            bits |= (w & 0x8000u) << 16;
+            memcpy(buf + i, &bits, sizeof bits);
+        }
+        for (; i < count; i++) buf[i] = (float)rows[i];
+        return buf;
+    }
+}
+
+constexpr int64_t MAX_HEAD_DIM = 256;  /* the largest head size: the buffer of widened fp16 rows */
+
+template <int HD, typename T>
+INLINE void attend(float *q, float *k, const float *v, const float *cos, const float *sin, T *k_cache, T *v_cache,
+                   int64_t n_heads, int64_t n_kv_heads, int64_t head_dim_arg, int64_t max_seq, int64_t pos,
+                   float *scores, float *out) {
     const int64_t head_dim = HD ? HD : head_dim_arg;
     const int64_t head_stride = max_seq * head_dim, group = n_heads / n_kv_heads;
     const int64_t n = pos + 1, n4 = n - n % 4;
     const float scale = 1.0f / sqrtf((float)head_dim);
+    float buf[16 * MAX_HEAD_DIM];
     for (int64_t h = 0; h < n_heads; h++) rotate(q + h * head_dim, cos, sin, head_dim);
     for (int64_t g = 0; g < n_kv_heads; g++) {
         float *kh = k + g * head_dim;
         rotate(kh, cos, sin, head_dim);
-        const float *keys = k_cache + g * head_stride, *values = v_cache + g * head_stride;
-        float *kc = k_cache + g * head_stride + pos * head_dim, *vc = v_cache + g * head_stride + pos * head_dim;
+        const T *keys = k_cache + g * head_stride, *values = v_cache + g * head_stride;
+        T *kc = k_cache + g * head_stride + pos * head_dim, *vc = v_cache + g * head_stride + pos * head_dim;
         for (int64_t d = 0; d < head_dim; d++) {
-            kc[d] = kh[d];
-            vc[d] = v[g * head_dim + d];
+            kc[d] = (T)kh[d];
+            vc[d] = (T)v[g * head_dim + d];
         }
         const float *qg = q + g * group * head_dim;
         float *og = out + g * group * head_dim;
@@ -193,13 +228,19 @@ INLINE void attend(float *q, float *k, const float *v, const float *cos, const f
          * rows), each block against every query head of the group while it is in L1. */
         int64_t done = 0;
         if constexpr (HD % 16 == 0 && HD > 0) {
-            for (; done + 16 <= n; done += 16)
-                for (int64_t j = 0; j < group; j++) dot16<HD>(qg + j * head_dim, keys + done * head_dim, scores + j * n + done);
+            for (; done + 16 <= n; done += 16) {
+                const float *rows = as_float(keys + done * HD, 16 * HD, buf);
+                for (int64_t j = 0; j < group; j++) dot16<HD>(qg + j * HD, rows, scores + j * n + done);
+            }
         }
-        for (int64_t s = done; s + 4 <= n; s += 4)
-            for (int64_t j = 0; j < group; j++) dot4(qg + j * head_dim, keys + s * head_dim, head_dim, scores + j * n + s);
-        for (int64_t s = n4; s < n; s++)
-            for (int64_t j = 0; j < group; j++) scores[j * n + s] = dot(qg + j * head_dim, keys + s * head_dim, head_dim);
+        for (int64_t s = done; s + 4 <= n; s += 4) {
+            const float *rows = as_float(keys + s * head_dim, 4 * head_dim, buf);
+            for (int64_t j = 0; j < group; j++) dot4(qg + j * head_dim, rows, head_dim, scores + j * n + s);
+        }
+        for (int64_t s = n4; s < n; s++) {
+            const float *row = as_float(keys + s * head_dim, head_dim, buf);
+            for (int64_t j = 0; j < group; j++) scores[j * n + s] = dot(qg + j * head_dim, row, head_dim);
+        }
         for (int64_t j = 0; j < group; j++) {
             float *sj = scores + j * n, top = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : top)
@@ -219,7 +260,8 @@ INLINE void attend(float *q, float *k, const float *v, const float *cos, const f
         /* out = sum_s p_s v_s, four positions per pass over each output row. */
         for (int64_t d = 0; d < group * head_dim; d++) og[d] = 0.0f;
         for (int64_t s = 0; s < n4; s += 4) {
-            const float *v0 = values + s * head_dim, *v1 = v0 + head_dim, *v2 = v1 + head_dim, *v3 = v2 + head_dim;
+            const float *v0 = as_float(values + s * head_dim, 4 * head_dim, buf), *v1 = v0 + head_dim,
+                        *v2 = v1 + head_dim, *v3 = v2 + head_dim;
             for (int64_t j = 0; j < group; j++) {
                 const float *p = scores + j * n + s;
                 const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
@@ -229,7 +271,7 @@ INLINE void attend(float *q, float *k, const float *v, const float *cos, const f
             }
         }
         for (int64_t s = n4; s < n; s++) {
-            const float *vs = values + s * head_dim;
+            const float *vs = as_float(values + s * head_dim, head_dim, buf);
             for (int64_t j = 0; j < group; j++) {
                 const float p = scores[j * n + s];
                 float *__restrict oj = og + j * head_dim;
@@ -240,11 +282,25 @@ INLINE void attend(float *q, float *k, const float *v, const float *cos, const f
     }
 }
 
-API CLONES void lutlm_attend_one(float *q, float *k, const float *v, const float *cos, const float *sin,
-                                 float *k_cache, float *v_cache, int64_t n_heads, int64_t n_kv_heads,
-                                 int64_t head_dim, int64_t max_seq, int64_t pos, float *scores, float *out) {
-    /* The common head sizes with the size known at compile time: their loops unroll into registers. */
+/* The common head sizes with the size known at compile time: their loops unroll into registers. */
+template <typename T>
+INLINE void attend_any(float *q, float *k, const float *v, const float *cos, const float *sin, T *k_cache, T *v_cache,
+                       int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t max_seq, int64_t pos,
+                       float *scores, float *out) {
     if (head_dim == 64) attend<64>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
     else if (head_dim == 128) attend<128>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
     else attend<0>(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
+}
+
+API CLONES void lutlm_attend_one(float *q, float *k, const float *v, const float *cos, const float *sin,
+                                 float *k_cache, float *v_cache, int64_t n_heads, int64_t n_kv_heads,
+                                 int64_t head_dim, int64_t max_seq, int64_t pos, float *scores, float *out) {
+    attend_any(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
+}
+
+/* The same over a cache of fp16 values (half the bytes to read at long contexts). */
+API CLONES void lutlm_attend_one_f16(float *q, float *k, const float *v, const float *cos, const float *sin,
+                                     _Float16 *k_cache, _Float16 *v_cache, int64_t n_heads, int64_t n_kv_heads,
+                                     int64_t head_dim, int64_t max_seq, int64_t pos, float *scores, float *out) {
+    attend_any(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
 }
