@@ -12,9 +12,9 @@
  *     lutlm_silu_mul      a = silu(gate) * up
  *
  * All tensors are contiguous float32 (the KV cache float32 or fp16), all memory belongs to
- * the caller (nothing is allocated per call). Each function is compiled three times (AVX-512, AVX2, baseline
- * x86-64) with target_clones; the loader picks one at run time, so the library runs on any
- * x86-64 CPU. The arithmetic follows lutlm/model.py (the reference the tests compare with);
+ * the caller (nothing is allocated per call). Each function is compiled three times
+ * (AVX-512, AVX2, baseline x86-64) with target_clones; the loader picks one at run time, so
+ * the library runs on any x86-64 CPU. The arithmetic follows lutlm/model.py (the reference the tests compare with);
  * only the order of float additions differs.
  *
  * KV cache layout, as lutlm.model.Attention allocates it for batch row 0:
@@ -72,7 +72,6 @@ INLINE void dot4(const float *q, const float *k, int64_t n, float *out) {
     }
     out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
-
 
 /* 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones (GCC >= 12 or Clang vectors). */
 typedef float vec16 __attribute__((vector_size(64)));
@@ -164,13 +163,6 @@ API CLONES void lutlm_silu_mul(const float *gate, const float *up, int64_t n, fl
     for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + exp_vec(-gate[i])) * up[i];
 }
 
-/* One query token at position `pos` (q [n_heads][head_dim], k and v [n_kv_heads][head_dim]):
- * rotates q and k in place, stores k and v at `pos` of the caches, and writes the attention
- * output [n_heads][head_dim] over positions 0..pos. Query head h reads key/value head
- * h / (n_heads / n_kv_heads), as grouped-query attention does; the query heads of one
- * key/value head are taken together, so that each cached row is read from memory once for
- * all of them (the cache, not the arithmetic, bounds this at long contexts). `scores` holds
- * (n_heads / n_kv_heads) * (pos + 1) floats. */
 /* Cached rows as floats: float rows as they are, fp16 ones converted once into `buf` (then
  * used by every query head of the group). */
 template <typename T>
@@ -178,8 +170,9 @@ INLINE const float *as_float(const T *rows, int64_t count, float *buf) {
     if constexpr (std::is_same_v<T, float>) {
         return rows;
     } else {
-        /* 16 at a time with integer operations: the exponent and mantissa bits moved into
-         * place and rescaled by 2^112, which also handles subnormals (finite values only) */
+        /* 16 at a time with integer operations (the conversion instruction, vcvtph2ps, made
+         * this attention twice as slow on Zen 5): exponent and mantissa bits moved into place
+         * and rescaled by 2^112, which also handles subnormals (finite values only). */
         typedef uint16_t u16x16 __attribute__((vector_size(32)));
         typedef uint32_t u32x16 __attribute__((vector_size(64)));
         int64_t i = 0;
@@ -203,6 +196,13 @@ INLINE const float *as_float(const T *rows, int64_t count, float *buf) {
 
 constexpr int64_t MAX_HEAD_DIM = 256;  /* the largest head size: the buffer of widened fp16 rows */
 
+/* One query token at position `pos` (q [n_heads][head_dim], k and v [n_kv_heads][head_dim]):
+ * rotates q and k in place, stores k and v at `pos` of the caches (T: float or _Float16),
+ * and writes the attention output [n_heads][head_dim] over positions 0..pos. Query head h
+ * reads key/value head h / (n_heads / n_kv_heads), as grouped-query attention does; the
+ * query heads of one key/value head are taken together, so that each cached row is read
+ * from memory (and widened from fp16) once for all of them. `scores` holds
+ * (n_heads / n_kv_heads) * (pos + 1) floats; head_dim is at most MAX_HEAD_DIM. */
 template <int HD, typename T>
 INLINE void attend(float *q, float *k, const float *v, const float *cos, const float *sin, T *k_cache, T *v_cache,
                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim_arg, int64_t max_seq, int64_t pos,
