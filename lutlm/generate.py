@@ -99,6 +99,7 @@ class Generator:
         # Token ids go where the model runs, which its rotary table shows (CPU for stand-ins without one).
         self.device = getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
         self._cached: list[int] = []  # tokens whose keys and values sit in the cache
+        self._cache_allocation = model.cache_allocations  # ... as long as the cache is the same one
         # One-token steps without PyTorch's per-operation overhead, where supported.
         self.fast_decoder = fast_decoder_for(model) or gpu_decoder_for(model)
         self.stats = GenerationStats()
@@ -122,6 +123,8 @@ class Generator:
                 f"context length {self.context_length}"
             )
         self.model.setup_cache(1, self.context_length, dtype=GENERATION_CACHE_DTYPE)
+        if self.model.cache_allocations != self._cache_allocation:  # replaced (here, or by another user)
+            self._cached, self._cache_allocation = [], self.model.cache_allocations
         rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         reuse = 0
         while reuse < min(len(self._cached), len(prompt) - 1) and self._cached[reuse] == prompt[reuse]:

@@ -147,6 +147,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.max_batch = 0
         self.max_seq_len = 0
+        self.cache_allocations = 0  # counts setup_cache's new caches: what a cache held is gone
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate the KV cache; generation never allocates per token. `dtype`: the cache's
@@ -167,6 +168,7 @@ class Transformer(nn.Module):
             layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.cache_allocations += 1
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_logits_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start_pos .. start_pos+T-1 -> logits [B, T, vocab] (or [B, 1, vocab])."""

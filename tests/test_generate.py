@@ -36,6 +36,7 @@ class ScriptedModel:
         self.script = script
         self.calls: list[tuple[list[int], int]] = []
         self.vocab = vocab
+        self.cache_allocations = 0
 
     def setup_cache(self, batch, seq, dtype=None):
         pass
@@ -132,6 +133,12 @@ def test_next_prompt_reuses_cached_prefix():
     fed, start = model.calls[0]
     assert (fed, start) == ([ord("!")], len(first) + 1)
     assert gen.stats.prefilled_tokens == 1
+    # A cache replaced in between (setup_cache by another user of the model) holds nothing.
+    model.cache_allocations += 1
+    model.calls.clear()
+    gen.complete(first, SamplingParams(max_new_tokens=1))
+    assert model.calls[0] == (first, 0)
+    assert gen.stats.prefilled_tokens == len(first)
 
 
 def test_chat_template_renders_with_jinja_sandbox():
