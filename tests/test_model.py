@@ -61,10 +61,12 @@ def test_incremental_decode_matches_full_forward():
     with torch.no_grad():
         model.setup_cache(1, 32)
         full = model(tokens, 0)
-        prefix = model(tokens[:, :10], 0)
-        steps = [model(tokens[:, i:i + 1], i) for i in range(10, 24)]
+        prefix = model(tokens[:, :10], 0)  # from position 0: SDPA's causal mask
+        chunk = model(tokens[:, 10:16], 10)  # after a cached prefix: the explicit offset mask
+        steps = [model(tokens[:, i:i + 1], i) for i in range(16, 24)]
     torch.testing.assert_close(prefix, full[:, :10], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 10:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunk, full[:, 10:16], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 16:], rtol=1e-4, atol=1e-4)
 
 
 def test_cache_overflow_is_refused():
