@@ -216,6 +216,27 @@ def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument("--ctx", type=int, default=2048, help="context length to allocate")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lutlm import serve  # FastAPI and uvicorn load only for the command that serves
+
+    serve.run(args)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--ctx", type=int, default=2048, help="context length: prompt + max_tokens must fit")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait while one generates; beyond that: 429")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    p.add_argument("--model-id", help="the name clients give as `model` (default: the model file's name "
+                                      "without its extension)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lutlm", description="Low-bit LLM inference by table lookup")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,9 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score llama.cpp on the same GGUF and the same tokens, in this run")
     p.set_defaults(func=cmd_ppl)
 
-    from lutlm import serve
-
-    serve.add_parser(sub)
+    add_serve_parser(sub)
 
     from lutlm.quantize import cli as quantize_cli
 

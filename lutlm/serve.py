@@ -556,7 +556,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
+    """`lutlm serve` (its options: lutlm.cli): load the model and serve until interrupted."""
     from lutlm.cli import set_threads
     from lutlm.loader import load_model
 
@@ -569,20 +570,3 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not is_loopback(args.host):
         print("warning: the server is reachable from other machines and has no authentication", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
-
-
-def add_parser(subparsers) -> None:
-    from lutlm.cli import add_model_args
-
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--ctx", type=int, default=2048, help="context length: prompt + max_tokens must fit")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait while one generates; beyond that: 429")
-    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
-    p.add_argument("--model-id", help="the name clients give as `model` (default: the model file's name "
-                                      "without its extension)")
-    p.set_defaults(func=cmd_serve)

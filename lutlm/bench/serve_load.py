@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm import tqdm
 
-from lutlm.serve import is_loopback
 
 PROMPTS = [
     "What is the capital of France?",
@@ -168,6 +167,8 @@ def run_load(base_url: str, model: str | None = None, requests: int = 32, durati
              server_threads: int | None = None) -> LoadReport:
     """Send at most `requests` requests within `duration` seconds from `concurrency` threads to the
     server at `base_url` (e.g. http://127.0.0.1:8080), asking for `model` (default: the one it serves)."""
+    from lutlm.serve import is_loopback
+
     host = urlsplit(base_url).hostname or ""
     if not is_loopback(host):
         raise ValueError(f"{base_url}: the load test only targets loopback addresses (127.0.0.1, ::1, localhost)")
