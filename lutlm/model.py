@@ -161,7 +161,8 @@ class Transformer(nn.Module):
             )
         dtype = dtype or self.model.norm.weight.dtype
         cache = self.model.layers[0].self_attn.k_cache
-        if cache is not None and max_batch <= self.max_batch and max_seq_len <= self.max_seq_len and cache.dtype == dtype:
+        fits = cache is not None and max_batch <= self.max_batch and max_seq_len <= self.max_seq_len
+        if fits and cache.dtype == dtype:
             return
         c = self.config
         device = self.model.norm.weight.device

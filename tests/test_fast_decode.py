@@ -250,7 +250,8 @@ def test_unsupported_models_fall_back_with_a_reason():
         FastDecoder(build_model(checkpoint, "cpu"), table_mode="exact")
     assert isinstance(fast_decoder_for(build_model(checkpoint, "cpu")), FastDecoder)
     wide_heads = packed_checkpoint(tiny_config(hidden_size=288, num_attention_heads=1, num_key_value_heads=1))
-    assert unsupported_reason(build_model(wide_heads, "cpu")) == "heads of 288 values (the decode attention takes up to 256)"
+    assert unsupported_reason(build_model(wide_heads, "cpu")) == \
+        "heads of 288 values (the decode attention takes up to 256)"
 
 
 def test_matmuls_only_runs_the_step_products():
