@@ -11,9 +11,9 @@ gate/up output as it is and computes SiLU(gate) * up as it loads it):
     -> add_rms_norm -> gate/up product -> [silu_mul ->] down product
 
 The q, k and v projections, and gate and up, run as one product each over their weights stacked
-by rows (packed weights are stacked in the packed format, so any backend kernel takes them; fp16
-weights are concatenated); the decoder keeps these stacked copies, the model keeps its own for
-prefill. The small operations are lutlm.kernels.gpu_ops; packed products go straight to the
+by rows (packed weights in the GPU layouts, fp16 weights as one matrix); the model's own linears,
+which prefill uses, are then re-pointed at views of the stacked weights, so stacking costs no
+memory (it did: 1.7x the weights of a 7B model). The small operations are lutlm.kernels.gpu_ops; packed products go straight to the
 dispatcher (lutlm.kernels.gpu), whose GEMV also starts loading its weights while the kernel
 before it finishes, where the GPU supports it (PDL: the weights are no kernel's output). The
 position lives in a device tensor, so the step is captured once as a CUDA graph and replayed
@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lutlm.formats.packed import PackedWeight
 from lutlm.kernels import interpreter_enabled
 from lutlm.linear import PackedLinear
 from lutlm.model import Transformer
@@ -55,22 +54,48 @@ def gpu_decoder_for(model: nn.Module) -> GpuDecoder | None:
 
 
 def stack_rows(linears: list[nn.Module]) -> nn.Module:
-    """One linear whose outputs are those of `linears` one after another (same input)."""
-    if all(isinstance(m, PackedLinear) for m in linears):
-        weights = [m.weight_packed for m in linears]
-        first = weights[0]
-        if all((w.bits, w.group_size, w.ternary) == (first.bits, first.group_size, first.ternary) for w in weights):
-            stacked = PackedWeight(planes=torch.cat([w.planes for w in weights], dim=1),
-                                   scales=torch.cat([w.scales for w in weights]),
-                                   zeros=torch.cat([w.zeros for w in weights]),
-                                   bits=first.bits, group_size=first.group_size, ternary=first.ternary)
-            return PackedLinear(stacked, linears[0].backend_name)
-    if all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
-        weight = torch.cat([m.weight.detach() for m in linears])
+    """One linear whose outputs are those of `linears` one after another (same input). Packed
+    linears of the cuda backend and fp16 linears are stacked, and then read their weights from
+    views of the stacked ones (theirs are freed); others run one by one."""
+    if all(isinstance(m, PackedLinear) and m.backend_name == "cuda" for m in linears):
+        from lutlm.kernels import gpu
+
+        handles = [m.handle for m in linears]
+        if all(h.kind == handles[0].kind for h in handles):
+            stacked = gpu.stack(handles)
+            for m, start in zip(linears, _row_starts(linears)):
+                m.share_handle(stacked.rows(start, start + m.out_features))
+            return _StackedPacked(stacked)
+    weights = [m.weight for m in linears if isinstance(m, nn.Linear) and m.bias is None]
+    if len(weights) == len(linears) and len({(w.dtype, w.device) for w in weights}) == 1:
+        weight = torch.cat([w.detach() for w in weights])
+        for m, start in zip(linears, _row_starts(linears)):
+            m.weight = nn.Parameter(weight[start:start + m.out_features], requires_grad=False)
         stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # weight assigned below
         stacked.weight = nn.Parameter(weight, requires_grad=False)
         return stacked
     return _Concatenated(linears)
+
+
+def _row_starts(linears: list[nn.Module]) -> list[int]:
+    starts, row = [], 0
+    for m in linears:
+        starts.append(row)
+        row += m.out_features
+    return starts
+
+
+class _StackedPacked(nn.Module):
+    """Packed weights stacked by rows in the cuda backend's layouts."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lutlm.kernels import gpu
+
+        return gpu.matmul(x, self.handle)
 
 
 class _Concatenated(nn.Module):
@@ -120,7 +145,7 @@ class GpuDecoder:
 
     def product(self, linear: nn.Module, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """linear(x) in the step; gated: x is [gate | up] and the product is of SiLU(gate) * up."""
-        if isinstance(linear, PackedLinear):  # the cuda backend's (unsupported_reason)
+        if isinstance(linear, (PackedLinear, _StackedPacked)):  # the cuda backend's (unsupported_reason)
             return self.gpu.matmul(x, linear.handle, gated=gated, overlap=True)
         if gated:
             self.ops.silu_mul(x.view(-1), self.act.view(-1))

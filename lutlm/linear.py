@@ -29,6 +29,14 @@ class PackedLinear(nn.Module):
         """The backend's prepared weight (for callers that drive the backend directly)."""
         return self._handle
 
+    def share_handle(self, handle) -> None:
+        """Read the weight through `handle`, another prepared weight of the same rows (a view
+        into stacked weights: lutlm.gpu_decode), and drop this linear's own."""
+        if (handle.out_features, handle.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"a {handle.out_features}x{handle.in_features} handle cannot stand for a "
+                             f"{self.out_features}x{self.in_features} weight")
+        self._handle = handle
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._backend.matmul(x, self._handle)
 

@@ -137,13 +137,40 @@ def test_decoder_matches_forward_on_fp16_weights():
     assert_close_to_scale(got, expected, 2e-2)
 
 
-def test_stacked_rows_give_the_outputs_of_their_parts():
-    model = to_fp16(build_model(packed_checkpoint(tiny_config(), 4, 32, pack_head=False), "cuda"), DEVICE)
+def storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_stacking_keeps_one_copy_of_the_weights(packed):
+    """The stacked product gives its parts' outputs; the parts then read views of the stacked
+    weights (no second copy), and the model's own forward over several tokens (prefill, through
+    the GEMM kernels on those views) computes what it did before."""
+    checkpoint = packed_checkpoint(tiny_config(), 4, 32, pack_head=False) if packed else tiny_checkpoint()
+    model = to_fp16(build_model(checkpoint, "cuda" if packed else "reference"), DEVICE)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(1, 16)
+    with torch.inference_mode():
+        before = model(tokens.to(DEVICE), 0)
     a = model.model.layers[0].self_attn
-    x = randn(1, 64, seed=7)
-    stacked = stack_rows([a.q_proj, a.k_proj, a.v_proj])
-    torch.testing.assert_close(stacked(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], dim=-1),
-                               rtol=2e-3, atol=2e-3)
+    parts = [a.q_proj, a.k_proj, a.v_proj]
+    x = randn(2, 64, seed=7)
+    expected = torch.cat([part(x) for part in parts], dim=-1)
+    stacked = stack_rows(parts)
+    if packed:
+        whole = stacked.handle.dequant
+        for part in parts:
+            layout = part.handle.dequant
+            assert [storage(t) for t in (layout.words[0], layout.scales, layout.zeros)] == \
+                [storage(t) for t in (whole.words[0], whole.scales, whole.zeros)]
+    else:
+        assert all(storage(part.weight) == storage(stacked.weight) for part in parts)
+    torch.testing.assert_close(stacked(x), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.cat([part(x) for part in parts], dim=-1), expected, rtol=2e-3, atol=2e-3)
+    GpuDecoder(model)  # stacks q/k/v and gate/up of every layer
+    with torch.inference_mode():
+        after = model(tokens.to(DEVICE), 0)
+    assert_close_to_scale(after, before, 1e-3)
 
 
 def test_decoder_refuses_bad_calls_and_follows_the_cache():

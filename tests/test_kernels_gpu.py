@@ -108,6 +108,27 @@ def test_kernels_match_reference(kernel, bits, ternary):
     check_close(y, x, w, activation_group)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_views_of_stacked_rows(bits):
+    """Every kernel on views of some rows of a stacked handle (scales and planes strided by the
+    stacked row count, as the GPU decoder leaves the model's q/k/v and gate/up) gives the same
+    outputs as on the parts' own layouts."""
+    parts = [random_packed(n, 320, bits, 64, seed=i) for i, n in enumerate((24, 40, 8))]
+    handles = [gpu.prepare(w, with_lut=True) for w in parts]
+    stacked = gpu.stack(handles)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
+    start = 0
+    for w, handle in zip(parts, handles):
+        view = stacked.rows(start, start + w.out_features)
+        assert view.dequant.scales.stride(0) == view.lut.scales.stride(0) == 72
+        for plan in PLANS.values():  # split-K programs add in any order on a GPU: an fp16 ulp apart at most
+            torch.testing.assert_close(gpu.run_plan(x, view, plan), gpu.run_plan(x, handle, plan), rtol=1e-3,
+                                       atol=1e-4)
+        start += w.out_features
+    with pytest.raises(ValueError, match="only weights of one kind stack"):
+        gpu.stack([handles[0], gpu.prepare(random_packed(8, 320, 2, 64))])
+
+
 @pytest.mark.parametrize("bits,ternary", [(1, False), (2, False), (3, False), (4, False), (2, True)])
 def test_gemm_whole_tiles(bits, ternary):
     """Shapes that are whole tiles, where the tensor-core GEMM drops its masks (EVEN_N/M/K), with a

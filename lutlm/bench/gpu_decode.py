@@ -18,6 +18,7 @@ backend's on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -45,14 +46,19 @@ def add_parser(bench_subparsers) -> None:
 @torch.inference_mode()
 def decode_step_us(model, position: int) -> dict:
     """Step times in microseconds, each (median, p25, p75): through lutlm.gpu_decode (the
-    headline), its products alone, and through model.forward, each replayed from a CUDA graph."""
+    headline), its products alone, and through model.forward, each replayed from a CUDA graph;
+    and the device memory the model holds before and after the decoder is built (MiB)."""
     from lutlm.gpu_decode import GpuDecoder
     from lutlm.kernels.gpu_tuning import time_calls, time_replays
 
     model.setup_cache(1, position + 1)
     token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
     forward = time_calls([lambda: model(token, position, last_logits_only=True)], launches=8, repeats=10)
+    torch.cuda.empty_cache()
+    memory_before = torch.cuda.memory_allocated() / 2**20
     decoder = GpuDecoder(model)
+    torch.cuda.empty_cache()
+    memory_after = torch.cuda.memory_allocated() / 2**20
     decoder(7, position)  # captures the step's graph
     steps = 8
 
@@ -63,7 +69,8 @@ def decode_step_us(model, position: int) -> dict:
     step = time_replays(replay_steps, steps, repeats=10)
     products = time_calls([decoder.products_only], launches=8, repeats=10)
     del decoder
-    return {"decoder": step, "products": products, "forward": forward}
+    return {"decoder": step, "products": products, "forward": forward,
+            "memory_mib": {"model": round(memory_before), "with_decoder": round(memory_after)}}
 
 
 def random_model(config: ModelConfig):
@@ -82,6 +89,10 @@ def random_model(config: ModelConfig):
     return model.eval()
 
 
+def on_cpu(w):
+    return dataclasses.replace(w, planes=w.planes.cpu(), scales=w.scales.cpu(), zeros=w.zeros.cpu())
+
+
 def synthetic_rows(config: ModelConfig, position: int, bits_list: tuple[int, ...], group: int) -> list[dict]:
     """Decode step of a random model of this shape in fp16, then with its linears packed."""
     from lutlm.kernels.gpu_tuning import random_weight
@@ -98,7 +109,9 @@ def synthetic_rows(config: ModelConfig, position: int, bits_list: tuple[int, ...
               "mlp.up_proj": (c.intermediate_size, c.hidden_size),
               "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
     for bits in bits_list:
-        packed = {f"model.layers.{i}.{linear}": random_weight(*shape, bits, group)
+        # Drawn on the GPU (fast), kept on the CPU as a loaded checkpoint's are: only the GPU
+        # layouts that prepare builds from them stay on the device.
+        packed = {f"model.layers.{i}.{linear}": on_cpu(random_weight(*shape, bits, group))
                   for i in range(c.num_hidden_layers) for linear, shape in shapes.items()}
         replace_linears(model, packed, backend="cuda")
         rows.append({"model": config.name, "weights": f"lutlm {bits}-bit g{group}", "step_us": decode_step_us(model, position)})
@@ -152,14 +165,16 @@ def run(args) -> dict:
                  tokens_per_s=round(1e6 / median, 1), products_us=round(times["products"][0], 1),
                  products_share=round(times["products"][0] / median, 3),
                  forward_step_us=round(times["forward"][0], 1),
-                 forward_products_share=round(times["products"][0] / times["forward"][0], 3))
+                 forward_products_share=round(times["products"][0] / times["forward"][0], 3),
+                 memory_mib=times["memory_mib"])
     for r in rows:
         fp16 = next(f for f in rows if f["model"] == r["model"] and f["weights"] == "fp16 (torch)")
         r["speedup_vs_fp16"] = round(fp16["step_us"] / r["step_us"], 2)
     result = {"device": torch.cuda.get_device_name(), "position": args.position,
               "timing": "median of 10 timings of 8 CUDA-graph replays of a decode step (lutlm.gpu_decode); "
                         "p25/p75 give the spread. forward_step_us: the same step through model.forward, "
-                        "also graph-replayed; products_us: the step's matrix products alone",
+                        "also graph-replayed; products_us: the step's matrix products alone; memory_mib: "
+                        "torch.cuda.memory_allocated with the model (weights, KV cache) and with the decoder too",
               "decode": rows, "generation": generation}
     out = args.out or Path("benchmarks/results") / f"gpu_decode_{device_slug()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +182,7 @@ def run(args) -> dict:
     for r in rows:
         print(f"{r['model']:40s} {r['weights']:24s} {r['step_us']:9.1f} us/token {r['tokens_per_s']:8.1f} tok/s "
               f"x{r['speedup_vs_fp16']:.2f} vs fp16; products {100 * r['products_share']:.0f}% of the step "
-              f"(model.forward: {r['forward_step_us']:.1f} us, {100 * r['forward_products_share']:.0f}%)")
+              f"(model.forward: {r['forward_step_us']:.1f} us, {100 * r['forward_products_share']:.0f}%); "
+              f"device memory {r['memory_mib']['model']} MiB, {r['memory_mib']['with_decoder']} with the decoder")
     print(f"bundled model, greedy on the GPU: {generation}")
     return result

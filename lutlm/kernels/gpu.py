@@ -44,6 +44,21 @@ class GpuHandle:
     def out_features(self) -> int:
         return self.dequant.out_features
 
+    def rows(self, start: int, stop: int) -> "GpuHandle":
+        """The handle of rows start .. stop - 1, as views of this one's memory (its own plans)."""
+        return GpuHandle(dequant=self.dequant.rows(start, stop),
+                         lut=None if self.lut is None else self.lut.rows(start, stop), kind=self.kind)
+
+
+def stack(handles: list[GpuHandle]) -> GpuHandle:
+    """One handle whose rows are those of `handles` one after another (same input, same weight
+    kind); it has the table-lookup layout if every part has one."""
+    if any(h.kind != handles[0].kind for h in handles):
+        raise ValueError(f"only weights of one kind stack, not {', '.join(h.kind for h in handles)}")
+    luts = [h.lut for h in handles]
+    return GpuHandle(dequant=gpu_dequant.stack([h.dequant for h in handles]),
+                     lut=None if None in luts else gpu_lut.stack(luts), kind=handles[0].kind)
+
 
 _TABLE: list[dict] | None = None
 

@@ -35,6 +35,11 @@ GPU layout, built once from the canonical bit-planes (lutlm/formats/packed.py) b
     zeros   : float16 [Kp // g, N]      in code units, as in the canonical format; zero past K
     w[n, k] = scales[k // g, n] * (q[n, k] - zeros[k // g, n])
 
+A layout may be a view of some of another's rows (``DequantLayout.rows``: the GPU decoder runs
+q/k/v and gate/up stacked and the model's own linears read views of those): the words are then
+a run of whole rows, and scales and zeros are columns of the wider arrays, so the kernels step
+over scale rows by ``scales.stride(0)``, not N.
+
 Codes become fp16 by the 0x6400 trick: the fp16 with bits 0x6400 | q is exactly 1024 + q, so
 (0x6400 | q) - 1024 is q with no conversion instruction.
 
@@ -82,6 +87,23 @@ class DequantLayout:
     @property
     def padded_in_features(self) -> int:
         return self.scales.shape[0] * self.group
+
+    def rows(self, start: int, stop: int) -> "DequantLayout":
+        """The layout of rows start .. stop - 1, as views of this one's memory."""
+        return DequantLayout(words=tuple(w[start:stop] for w in self.words), bits=self.bits,
+                             scales=self.scales[:, start:stop], zeros=self.zeros[:, start:stop], group=self.group,
+                             out_features=stop - start, in_features=self.in_features)
+
+
+def stack(layouts: list[DequantLayout]) -> DequantLayout:
+    """One layout whose rows are those of `layouts` one after another (same bits, group, K)."""
+    first = layouts[0]
+    if any((d.bits, d.group, d.in_features) != (first.bits, first.group, first.in_features) for d in layouts):
+        raise ValueError("only layouts of the same bits, group and input features stack")
+    return DequantLayout(words=tuple(torch.cat(streams) for streams in zip(*(d.words for d in layouts))),
+                         bits=first.bits, scales=torch.cat([d.scales for d in layouts], dim=1),
+                         zeros=torch.cat([d.zeros for d in layouts], dim=1), group=first.group,
+                         out_features=sum(d.out_features for d in layouts), in_features=first.in_features)
 
 
 def kernel_group(group_size: int) -> int:
@@ -182,7 +204,7 @@ def _stream_dot(words, x_packed, WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step, WIDTH0: tl.constexpr,
+def _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, stride_sz, padded_k, rows, row_mask, step, WIDTH0: tl.constexpr,
              WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weights of GEMV step `step`: the words of both streams (the second is the first again
     where there is one stream), and the scales and zeros [rows, BLOCK_K // GROUP] (zero past Kp).
@@ -193,7 +215,7 @@ def _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, step, WI
     if WIDTH1 > 0:
         w1 = _words(w1_ptr, padded_k, rows, row_mask, k0, WIDTH1, BLOCK_K)
     g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    sz_offsets = g[None, :] * N + rows[:, None]
+    sz_offsets = g[None, :] * stride_sz + rows[:, None]
     sz_mask = row_mask[:, None] & (g < padded_k // GROUP)[None, :]
     s = tl.load(s_ptr + sz_offsets, mask=sz_mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + sz_offsets, mask=sz_mask, other=0.0).to(tl.float32)
@@ -214,7 +236,7 @@ def _activations(x_row, K, step, GATED: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, padded_k, stride_xm, stride_ym,
-                      WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      stride_sz, WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
                       EMULATE: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k]. Grid: (row blocks, batch rows, K splits).
@@ -239,14 +261,14 @@ def _dp4a_gemv_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, N, K, padded_k
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
-    w0, w1, s, z = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask, first, WIDTH0, WIDTH1, GROUP,
-                            BLOCK_K)
+    w0, w1, s, z = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, stride_sz, padded_k, rows, row_mask, first, WIDTH0, WIDTH1,
+                            GROUP, BLOCK_K)
     wait_for_inputs(PDL)
     x = _activations(x_row, K, first, GATED, BLOCK_K)
     for step in range(first, last):
         # the last step fetches itself again: cache hits, and no branch in the loop
         following = tl.minimum(step + 1, last - 1)
-        w0_next, w1_next, s_next, z_next = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, N, padded_k, rows, row_mask,
+        w0_next, w1_next, s_next, z_next = _weights(w0_ptr, w1_ptr, s_ptr, z_ptr, stride_sz, padded_k, rows, row_mask,
                                                     following, WIDTH0, WIDTH1, GROUP, BLOCK_K)
         x_next = _activations(x_row, K, following, GATED, BLOCK_K)
         x_packed, dx, x_sum = _int8_activations(x, GROUP, BLOCK_K, EMULATE)
@@ -356,16 +378,16 @@ def _biased_codes(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, WIDTH0: tl.con
 
 
 @triton.jit
-def _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, step, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _scales_zeros(s_ptr, z_ptr, stride_sz, rows, row_mask, step, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """Scales and zeros of K step `step`: [rows, 1] when the step lies in one group (BLOCK_K <=
     GROUP), else [rows, BLOCK_K]."""
     if BLOCK_K <= GROUP:
         g = (step * BLOCK_K) // GROUP
-        s = tl.load(s_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
-        z = tl.load(z_ptr + g * N + rows, mask=row_mask, other=0.0)[:, None]
+        s = tl.load(s_ptr + g * stride_sz + rows, mask=row_mask, other=0.0)[:, None]
+        z = tl.load(z_ptr + g * stride_sz + rows, mask=row_mask, other=0.0)[:, None]
     else:
         k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        sz_offsets = (k // GROUP)[None, :] * N + rows[:, None]
+        sz_offsets = (k // GROUP)[None, :] * stride_sz + rows[:, None]
         s = tl.load(s_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
         z = tl.load(z_ptr + sz_offsets, mask=row_mask[:, None], other=0.0)
     return s, z
@@ -383,7 +405,7 @@ def _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDT
 
 @triton.jit
 def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, padded_k, stride_xm, stride_ym,
-                         WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
+                         stride_sz, WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
                          EMULATE: tl.constexpr):
@@ -416,11 +438,11 @@ def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, pa
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # (a split past the last step runs no step; its first load stays inside the arrays)
-    s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, tl.minimum(first, steps - 1), GROUP, BLOCK_K)
+    s, z = _scales_zeros(s_ptr, z_ptr, stride_sz, rows, row_mask, tl.minimum(first, steps - 1), GROUP, BLOCK_K)
     for step in range(first, last):
         w = _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDTH0, WIDTH1, BLOCK_N,
                               BLOCK_K, EMULATE)
-        s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, tl.minimum(step + 1, last - 1), GROUP, BLOCK_K)
+        s, z = _scales_zeros(s_ptr, z_ptr, stride_sz, rows, row_mask, tl.minimum(step + 1, last - 1), GROUP, BLOCK_K)
         k = step * BLOCK_K + kk
         k_mask = k < K
         if EVEN_K:
@@ -437,14 +459,14 @@ def _dequant_gemm_kernel(x_ptr, w0_ptr, w1_ptr, s_ptr, z_ptr, y_ptr, M, N, K, pa
 
 
 @triton.jit
-def _dequantize_kernel(w0_ptr, w1_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_k,
+def _dequantize_kernel(w0_ptr, w1_ptr, s_ptr, z_ptr, out_ptr, N, K, padded_k, stride_sz,
                        WIDTH0: tl.constexpr, WIDTH1: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
     """out[n, k] = w[n, k] in fp16, for k < K. Grid: (row blocks, K steps)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     step = tl.program_id(1)
-    s, z = _scales_zeros(s_ptr, z_ptr, N, rows, row_mask, step, GROUP, BLOCK_K)
+    s, z = _scales_zeros(s_ptr, z_ptr, stride_sz, rows, row_mask, step, GROUP, BLOCK_K)
     w = _dequantized_tile(w0_ptr, w1_ptr, padded_k, rows, row_mask, step, s, z, WIDTH0, WIDTH1, BLOCK_N, BLOCK_K,
                           EMULATE)
     k = step * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -500,7 +522,8 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig, gated:
     if config.dense:
         w = _workspace(n, k, x.device)
         grid = (triton.cdiv(n, config.block_n), layout.padded_in_features // config.block_k)
-        _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, BLOCK_K=config.block_k,
+        _dequantize_kernel[grid](*weights, w, n, k, layout.padded_in_features, layout.scales.stride(0),
+                                 BLOCK_K=config.block_k,
                                  EMULATE=interpreter_enabled(), **meta)
         return torch.matmul(x, w.t())
     if config.block_m == 1:
@@ -510,6 +533,7 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig, gated:
         block_k = max(1, config.block_k // layout.group) * layout.group
         pdl = overlap and pdl_supported(x.device)
         _dp4a_gemv_kernel[grid](x, *weights, y, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
+                                layout.scales.stride(0),
                                 BLOCK_K=block_k, SPLIT_K=config.split_k, GATED=gated, PDL=pdl,
                                 EMULATE=interpreter_enabled(), launch_pdl=pdl, **meta)
         return y
@@ -519,6 +543,7 @@ def matmul(x: torch.Tensor, layout: DequantLayout, config: DequantConfig, gated:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _dequant_gemm_kernel[grid](x, *weights, y, m, n, k, layout.padded_in_features, x.stride(0), y.stride(0),
+                               layout.scales.stride(0),
                                BLOCK_M=config.block_m, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
                                EVEN_N=n % config.block_n == 0, EVEN_M=m % config.block_m == 0,
                                EVEN_K=k == layout.padded_in_features, EMULATE=interpreter_enabled(), **meta)

@@ -21,6 +21,9 @@ GPU layout, built once from the canonical bit-planes (lutlm/formats/packed.py) b
     scales : float16 [K // g, N]     as in gpu_dequant: transposed, g the kernel group
     zeros  : float16 [K // g, N]
 
+As in gpu_dequant, a layout may be a view of some of another's rows (``LutLayout.rows``), so the
+kernel takes the strides of planes and scales rather than deriving them from N.
+
 A batch of M activation rows runs as M programs along the grid's second axis, each with its
 own tables: the cost grows with M, which is why larger batches go to gpu_dequant.
 """
@@ -53,6 +56,23 @@ class LutLayout:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.planes, self.scales, self.zeros))
 
+    def rows(self, start: int, stop: int) -> "LutLayout":
+        """The layout of rows start .. stop - 1, as views of this one's memory."""
+        return LutLayout(planes=self.planes[:, :, start:stop], scales=self.scales[:, start:stop],
+                         zeros=self.zeros[:, start:stop], bits=self.bits, group=self.group,
+                         out_features=stop - start, in_features=self.in_features)
+
+
+def stack(layouts: list[LutLayout]) -> LutLayout:
+    """One layout whose rows are those of `layouts` one after another (same bits, group, K)."""
+    first = layouts[0]
+    if any((t.bits, t.group, t.in_features) != (first.bits, first.group, first.in_features) for t in layouts):
+        raise ValueError("only layouts of the same bits, group and input features stack")
+    return LutLayout(planes=torch.cat([t.planes for t in layouts], dim=2),
+                     scales=torch.cat([t.scales for t in layouts], dim=1),
+                     zeros=torch.cat([t.zeros for t in layouts], dim=1), bits=first.bits, group=first.group,
+                     out_features=sum(t.out_features for t in layouts), in_features=first.in_features)
+
 
 def pack(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> LutLayout:
     """Canonical planes [b, N, K // 8] and scales/zeros [N, K // G] -> the GPU layout above."""
@@ -71,7 +91,8 @@ def pack(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_
 
 
 @triton.jit
-def _lut_matmul_kernel(x_ptr, planes_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_ym,
+def _lut_matmul_kernel(x_ptr, planes_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_ym, stride_plane,
+                       stride_chunk, stride_sz,
                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k]. Grid: (row blocks, batch rows, K splits)."""
@@ -104,7 +125,7 @@ def _lut_matmul_kernel(x_ptr, planes_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, 
         chunk = k0 // 8 + c
         chunk_mask = chunk < K // 8
         # All planes in one lookup, so that the table is stored to shared memory once per tile.
-        offsets = (plane[None, :, None] * (K // 8) + chunk[:, None, None]) * N + rows[None, None, :]
+        offsets = plane[None, :, None] * stride_plane + chunk[:, None, None] * stride_chunk + rows[None, None, :]
         mask = chunk_mask[:, None, None] & (plane < BITS)[None, :, None] & row_mask[None, None, :]
         pattern = tl.load(planes_ptr + offsets, mask=mask, other=0).to(tl.int32)
         found = tl.gather(table, tl.reshape(pattern, (CHUNKS, PLANES * BLOCK_N)), axis=1)
@@ -114,8 +135,8 @@ def _lut_matmul_kernel(x_ptr, planes_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, 
         xsum = tl.sum(tl.reshape(tl.sum(xc.to(tl.float32), axis=1), (TILE_GROUPS, GROUP_CHUNKS)), axis=1)
         g = k0 // GROUP + tl.arange(0, TILE_GROUPS)
         gmask = (g < K // GROUP)[:, None] & row_mask[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + rows[None, :], mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + rows[None, :], mask=gmask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + g[:, None] * stride_sz + rows[None, :], mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * stride_sz + rows[None, :], mask=gmask, other=0.0).to(tl.float32)
         acc += tl.sum(s * (qx - z * xsum[:, None]), axis=0)
     y_ptrs = y_ptr + m * stride_ym + rows
     if SPLIT_K > 1:
@@ -148,7 +169,8 @@ def matmul(x: torch.Tensor, layout: LutLayout, config: LutConfig) -> torch.Tenso
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n), m, config.split_k)
     _lut_matmul_kernel[grid](
-        x, layout.planes, layout.scales, layout.zeros, y, n, k, x.stride(0), y.stride(0),
+        x, layout.planes, layout.scales, layout.zeros, y, n, k, x.stride(0), y.stride(0), layout.planes.stride(0),
+        layout.planes.stride(1), layout.scales.stride(0),
         BITS=layout.bits, GROUP=layout.group, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
