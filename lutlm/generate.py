@@ -10,7 +10,7 @@ import torch
 
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.gpu_decode import gpu_decoder_for
-from lutlm.model import Transformer
+from lutlm.model import Transformer, model_device
 from lutlm.tokenizer import Tokenizer
 
 # The KV cache of generation: float16 whatever the model's type, as llama.cpp keeps it (half
@@ -97,7 +97,7 @@ class Generator:
         if tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         # Token ids go where the model runs, which its rotary table shows (CPU for stand-ins without one).
-        self.device = getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
+        self.device = model_device(model)
         self._cached: list[int] = []  # tokens whose keys and values sit in the cache
         self._cache_allocation = model.cache_allocations  # ... as long as the cache is the same one
         # One-token steps without PyTorch's per-operation overhead, where supported.

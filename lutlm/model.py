@@ -138,6 +138,11 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: that of its rotary table (on the CPU for models without one)."""
+    return getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from lutlm.model import model_device
+
 DEFAULT_TEXT = os.path.join("..", "shared", "data", "wikitext-2-raw-test.txt")
 
 
@@ -83,8 +85,8 @@ def score_chunks(
         if bos_id is not None:
             chunk = [bos_id] + chunk[1:]
         logits = chunk_logits(chunk)
-        targets = torch.tensor(chunk[first + 1 :], dtype=torch.long)
-        nlls.append(token_nll(logits[first : ctx - 1], targets))
+        targets = torch.tensor(chunk[first + 1 :], dtype=torch.long, device=logits.device)
+        nlls.append(token_nll(logits[first : ctx - 1], targets).cpu())
         running = torch.cat(nlls)
         bar.set_postfix(ppl=f"{math.exp(running.mean().item()):.4f}")
     all_nll = torch.cat(nlls).double()
@@ -105,6 +107,6 @@ def model_perplexity(model, tokenizer, text: str, ctx: int = 512, max_chunks: in
     model.setup_cache(1, ctx)
 
     def chunk_logits(chunk: list[int]) -> torch.Tensor:
-        return model(torch.tensor([chunk], dtype=torch.long), 0)[0]
+        return model(torch.tensor([chunk], dtype=torch.long, device=model_device(model)), 0)[0]
 
     return score_chunks(chunk_logits, tokens, ctx, max_chunks, exclude, bos, progress)
