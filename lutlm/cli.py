@@ -201,7 +201,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
                    help="kernel for packed weights (default: the fastest available)")
     p.add_argument("--pack-gguf", action=argparse.BooleanOptionalAction, default=False,
-                   help="run a GGUF's Q4_0/Q4_1 linears as packed weights made from their own blocks "
+                   help="run a GGUF's Q4_0/Q4_1/Q4_K linears as packed weights made from their own blocks "
                         "(no requantization), on the table-lookup kernels")
 
 

@@ -52,7 +52,7 @@ def to_fp16(model: Transformer, device: str | torch.device) -> Transformer:
 
 def load_model(path: str | None = None, backend: str | None = None,
                pack_gguf: bool = False) -> tuple[Transformer, Tokenizer, Checkpoint]:
-    """`pack_gguf`: a GGUF's Q4_0/Q4_1 linears go to the packed kernels from their own blocks."""
+    """`pack_gguf`: a GGUF's Q4_0/Q4_1/Q4_K linears go to the packed kernels from their own blocks."""
     checkpoint = load_checkpoint(path or default_model_path())
     if pack_gguf:
         from lutlm.formats.gguf_packed import pack_gguf_linears

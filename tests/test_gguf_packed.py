@@ -1,11 +1,14 @@
-"""GGUF Q4_0/Q4_1 blocks packed as they are: against gguf-py's own quantizer and dequantizer,
-and the bundled model run from its packed blocks against the float path."""
+"""GGUF Q4_0/Q4_1/Q4_K blocks packed as they are: against gguf-py's own quantizer and dequantizer
+(Q4_0, Q4_1), blocks written field by field and lutlm's dequantizer (Q4_K, which gguf-py cannot
+quantize), and the bundled model run from its packed blocks against the float path."""
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from lutlm.formats import load_checkpoint
+from lutlm.formats.ggml_quants import dequantize
 from lutlm.formats.gguf_packed import pack_ggml_4bit, pack_gguf_linears
 from lutlm.loader import build_model
 
@@ -37,6 +40,69 @@ def test_q4_1_blocks_pack_within_the_rounding_of_their_zero():
     err = (packed.dequantize() - expected).abs().view(8, 3, 32)
     assert (err <= block_max * FP16_HALF_ULP * 1.01 + 1e-7).all()
     assert torch.equal(packed.dequantize()[0, :32], expected[0, :32])
+
+
+def q4_k_blocks(n_blocks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Super-blocks in block_q4_K's layout (lutlm/formats/ggml_quants.py) from random fields, and
+    each weight's |s q| and offset dmin m: the two terms of the packing's error bound. Sub-block 0
+    of block 0 has scale 0 (a constant group)."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(1e-3, 1e-2, n_blocks).astype(np.float16)
+    dmin = rng.uniform(1e-3, 1e-2, n_blocks).astype(np.float16)
+    sc = rng.integers(0, 64, (n_blocks, 8), dtype=np.uint8)
+    sc[0, 0] = 0
+    m = rng.integers(0, 64, (n_blocks, 8), dtype=np.uint8)
+    q = rng.integers(0, 16, (n_blocks, 4, 2, 32), dtype=np.uint8)  # sub-block 2j + h: nibble h of qs[32j + l]
+    blocks = np.zeros((n_blocks, 144), dtype=np.uint8)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(n_blocks, 2)
+    blocks[:, 2:4] = dmin.view(np.uint8).reshape(n_blocks, 2)
+    blocks[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    blocks[:, 8:12] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    blocks[:, 12:16] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    blocks[:, 16:144] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
+    step = d.astype(np.float32)[:, None, None] * sc.reshape(n_blocks, 8, 1)
+    offset = dmin.astype(np.float32)[:, None, None] * m.reshape(n_blocks, 8, 1)
+    codes = q.reshape(n_blocks, 8, 32)
+    return blocks, (step * codes).reshape(-1), np.broadcast_to(offset, codes.shape).reshape(-1)
+
+
+def test_q4_k_sub_blocks_pack_within_the_rounding_of_their_grid():
+    n, k = 4, 512
+    blocks, scaled_codes, offset = q4_k_blocks(n * k // 256)
+    expected = dequantize(blocks.reshape(-1), "Q4_K", (n, k))
+    packed = pack_ggml_4bit(blocks.reshape(-1), "Q4_K", (n, k))
+    assert packed.group_size == 32 and packed.bits == 4
+    # s = d sc rounded to fp16 moves s q by at most |s q| 2^-11; z = dmin m / s rounded to fp16
+    # moves s z = dmin m by at most dmin m 2^-11 (the constant group: its value rounded once).
+    bound = torch.from_numpy((scaled_codes + offset) * FP16_HALF_ULP * 1.01 + 1e-7).view(n, k)
+    assert ((packed.dequantize() - expected).abs() <= bound).all()
+    assert (packed.dequantize()[0, :32] == packed.dequantize()[0, 0]).all()  # the constant group stays constant
+
+
+def test_q4_k_m_file_packs_its_q4_k_linears(bundled_path, tmp_path):
+    """llama.cpp's Q4_K_M of the bundled model: every Q4_K decoder linear is packed from its
+    blocks, the others stay float, and the model computes what the float path computes."""
+    pytest.importorskip("llama_cpp")
+    from lutlm.peer import quantize
+
+    path = str(tmp_path / "q4_k_m.gguf")
+    quantize(bundled_path, path, "Q4_K")
+    checkpoint = load_checkpoint(path)
+    q4_k = {name.removesuffix(".weight") for name, kind in checkpoint.tensor_types.items()
+            if kind == "Q4_K" and name.startswith("model.layers.")}
+    assert q4_k  # K = 1536 (mlp.down_proj) is a whole number of super-blocks
+    packed = pack_gguf_linears(checkpoint)
+    assert q4_k <= set(packed.packed)
+    tokens = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30]])
+    with torch.inference_mode():
+        dense = build_model(checkpoint)
+        dense.setup_cache(1, 16)
+        expected = dense(tokens, 0)
+        from_blocks = build_model(packed, backend="reference")
+        from_blocks.setup_cache(1, 16)
+        got = from_blocks(tokens, 0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 def test_bundled_model_runs_from_its_own_blocks(bundled):

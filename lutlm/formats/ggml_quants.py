@@ -167,7 +167,7 @@ def _k_halves(qs: np.ndarray, fields: Callable[[np.ndarray], np.ndarray]) -> np.
     return fields(qs.reshape(n, 2, -1)).reshape(n, QK_K)
 
 
-def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The 6-bit scales and mins of q4_K / q5_K, each [n, 8]."""
     s = scales.reshape(len(scales), 3, 4)
     first, second, third = s[:, 0], s[:, 1], s[:, 2]
@@ -207,25 +207,25 @@ def dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
 
 def _dequantize_q45_k(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Shared tail of q4_K and q5_K: w = (d * sc) * q - (dmin * m) per 32-weight sub-block."""
-    sc, m = _k_scale_min(blocks[:, 4:16])
+    sc, m = k_scale_min(blocks[:, 4:16])
     d, dmin = f16_field(blocks, 0), f16_field(blocks, 2)
     dl, q = _per_sub_block(d * sc.astype(np.float32), q.astype(np.float32))
     ml = (dmin * m.astype(np.float32))[:, :, None]
     return (dl * q - ml).reshape(len(blocks), QK_K)
 
 
-def _q4_k_low_bits(qs: np.ndarray) -> np.ndarray:
+def q4_k_codes(qs: np.ndarray) -> np.ndarray:
     n = len(qs)
     return _nibbles(qs.reshape(n, 4, 32)).reshape(n, QK_K)
 
 
 def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
-    return _dequantize_q45_k(blocks, _q4_k_low_bits(blocks[:, 16:144]))
+    return _dequantize_q45_k(blocks, q4_k_codes(blocks[:, 16:144]))
 
 
 def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
     high = _bits(blocks[:, 16:48], 8).reshape(len(blocks), QK_K)
-    return _dequantize_q45_k(blocks, _q4_k_low_bits(blocks[:, 48:176]) | (high << 4))
+    return _dequantize_q45_k(blocks, q4_k_codes(blocks[:, 48:176]) | (high << 4))
 
 
 def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
