@@ -36,6 +36,15 @@ def _load(args):
     start = time.perf_counter()
     model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
     print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if args.pack_gguf:
+        left = Counter(kind for name, kind in checkpoint.tensor_types.items()
+                       if name.startswith("model.layers.") and name.endswith("proj.weight")
+                       and name.removesuffix(".weight") not in checkpoint.packed)
+        if left:
+            print(f"--pack-gguf: {sum(left.values())} decoder linears of other types "
+                  f"({', '.join(f'{t} x{n}' for t, n in left.most_common())}) run in float, off the "
+                  f"table-lookup kernels; `lutlm quantize -m {checkpoint.source} -o DIR` packs every linear",
+                  file=sys.stderr)
     return model, tokenizer, checkpoint
 
 
