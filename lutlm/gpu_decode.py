@@ -13,11 +13,12 @@ gate/up output as it is and computes SiLU(gate) * up as it loads it):
 The q, k and v projections, and gate and up, run as one product each over their weights stacked
 by rows (packed weights in the GPU layouts, fp16 weights as one matrix); the model's own linears,
 which prefill uses, are then re-pointed at views of the stacked weights, so stacking costs no
-memory (it did: 1.7x the weights of a 7B model). The small operations are lutlm.kernels.gpu_ops; packed products go straight to the
-dispatcher (lutlm.kernels.gpu), whose GEMV also starts loading its weights while the kernel
-before it finishes, where the GPU supports it (PDL: the weights are no kernel's output). The
-position lives in a device tensor, so the step is captured once as a CUDA graph and replayed
-for every token; the graph is captured again if setup_cache replaces the KV cache.
+memory (it did: 1.7x the weights of a 7B model). The small operations are lutlm.kernels.gpu_ops;
+packed products go straight to the dispatcher (lutlm.kernels.gpu), whose GEMV also starts loading
+its weights while the kernel before it finishes, where the GPU supports it (PDL: the weights are
+no kernel's output). The position lives in a device tensor, so the step is captured once as a
+CUDA graph and replayed for every token; the graph is captured again if setup_cache replaces the
+KV cache.
 
 The KV cache is the model's own: prompts are prefilled by `model.forward` and the following
 tokens decoded here.

@@ -93,13 +93,17 @@ def test_q4_k_m_file_packs_its_q4_k_linears(bundled_path, tmp_path):
     assert q4_k  # K = 1536 (mlp.down_proj) is a whole number of super-blocks
     packed = pack_gguf_linears(checkpoint)
     assert q4_k <= set(packed.packed)
-    tokens = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30]])
+    assert_runs_as(build_model(checkpoint), packed, torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30]]))
+
+
+def assert_runs_as(dense, packed, tokens: torch.Tensor) -> None:
+    """The packed checkpoint, on the reference backend (which dequantizes the packed blocks),
+    predicts what the dense model does, logits within the rounding of the packed grids."""
     with torch.inference_mode():
-        dense = build_model(checkpoint)
-        dense.setup_cache(1, 16)
+        dense.setup_cache(1, tokens.shape[1])
         expected = dense(tokens, 0)
         from_blocks = build_model(packed, backend="reference")
-        from_blocks.setup_cache(1, 16)
+        from_blocks.setup_cache(1, tokens.shape[1])
         got = from_blocks(tokens, 0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
@@ -110,16 +114,8 @@ def test_bundled_model_runs_from_its_own_blocks(bundled):
     packed = pack_gguf_linears(checkpoint)
     assert len(packed.packed) == 7 * checkpoint.config.num_hidden_layers
     assert not any(name.removesuffix(".weight") in packed.packed for name in packed.tensors)
-    # The reference backend dequantizes the packed blocks: the same model up to the Q4_1 zero rounding.
-    tokens = torch.tensor([tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
-    with torch.inference_mode():
-        model.setup_cache(1, 64)
-        expected = model(tokens, 0)
-        from_blocks = build_model(packed, backend="reference")
-        from_blocks.setup_cache(1, 64)
-        got = from_blocks(tokens, 0)
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    tokens = tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    assert_runs_as(model, packed, torch.tensor([tokens]))  # the same model up to the Q4_1 zero rounding
 
 
 def test_only_a_gguf_can_be_packed_from_blocks(bundled, tmp_path):
