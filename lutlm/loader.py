@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from lutlm.formats import Checkpoint, load_checkpoint
 from lutlm.linear import replace_linears
@@ -20,9 +21,10 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transform
     """A Transformer holding the checkpoint's weights; packed linears go to `backend`."""
     with torch.device("meta"):
         model = Transformer(checkpoint.config)
-    float_tensors = dict(checkpoint.tensors)
-    if checkpoint.config.tie_word_embeddings:
-        float_tensors.pop("lm_head.weight", None)
+    skip = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
+    names = [name for name in checkpoint.tensors if name not in skip]
+    float_tensors = {name: checkpoint.tensors[name]  # reads a lazily loaded file's tensors here
+                     for name in tqdm(names, desc="reading weights", unit="tensor", disable=None, leave=False)}
     packed_names = {f"{name}.weight" for name in checkpoint.packed}
     expected = {k for k in model.state_dict() if k not in packed_names}
     if checkpoint.config.tie_word_embeddings:

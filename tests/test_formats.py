@@ -125,6 +125,28 @@ def tiny_gguf(tmp_path):
 # --- GGUF: happy paths ------------------------------------------------------------------
 
 
+def test_tensors_are_read_when_asked_for_and_rtn_reads_each_once(tiny_gguf, monkeypatch):
+    """Loading reads no weight; RTN quantization reads every tensor exactly once (each linear
+    when it is quantized), so a model whose float32 weights exceed memory can be quantized."""
+    import lutlm.formats.gguf as gguf_format
+    from lutlm.quantize.config import QuantConfig
+    from lutlm.quantize.model_quantizer import quantize_checkpoint
+
+    reads = []
+
+    def counting(data, ggml_type, shape):
+        reads.append(shape)
+        return dequantize(data, ggml_type, shape)
+
+    dequantize = gguf_format.dequantize
+    monkeypatch.setattr(gguf_format, "dequantize", counting)
+    checkpoint = load_checkpoint(tiny_gguf[0])
+    assert reads == []
+    quantized, _ = quantize_checkpoint(checkpoint, QuantConfig(method="rtn", bits=4, group_size=32), progress=False)
+    assert len(reads) == len(checkpoint.tensors)
+    assert len(quantized.packed) == 7 * checkpoint.config.num_hidden_layers
+
+
 def test_unpermute_inverts_permute_rotary_exactly():
     rng = np.random.default_rng(0)
     for n_heads, head_dim, cols in [(4, 16, 64), (3, 64, 7), (9, 64, 1), (1, 2, 5)]:

@@ -2,11 +2,18 @@
 
 Every loader returns a ``Checkpoint``: one config, float tensors under Hugging Face
 Llama names, the tokenizer description, and (packed folders only) low-bit weights.
+
+GGUF files and Hugging Face folders hand their float tensors over as ``LazyTensors``: each is
+read (and dequantized) from the file when asked for, and not kept. A checkpoint then holds no
+weights until a model is built from it, and RTN and ternary quantization, which read one
+linear at a time, work on models whose float32 weights would not fit in memory. Loading
+still checks every tensor's name, type and shape, so a bad file is refused at once.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +39,32 @@ class TokenizerSpec:
     chat_template: str | None = None
 
 
+class LazyTensors(Mapping):
+    """Name -> float32 tensor, read by `readers[name]()` on every access (nothing is cached)."""
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._readers[name]()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor
+        return name in self._readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
 @dataclass
 class Checkpoint:
     config: ModelConfig
     # Hugging Face Llama names ("model.layers.0.self_attn.q_proj.weight", ...), float32,
-    # q/k rows in Hugging Face's rotary layout (GGUF's interleaved layout undone at load).
-    tensors: dict[str, torch.Tensor]
+    # q/k rows in Hugging Face's rotary layout (GGUF's interleaved layout undone at load);
+    # LazyTensors for GGUF files and Hugging Face folders, read when asked for.
+    tensors: Mapping[str, torch.Tensor]
     tokenizer: TokenizerSpec
     source: str
     # Storage type of each tensor in the file ("Q4_1", "F32", "lutlm-2bit-g64", ...), for `lutlm info`.

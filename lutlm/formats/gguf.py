@@ -8,6 +8,7 @@ layout, and the ``tokenizer.ggml.*`` vocabulary into a TokenizerSpec.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -15,10 +16,9 @@ import re
 import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
-from tqdm import tqdm
 
 from lutlm.config import ModelConfig
-from lutlm.formats import Checkpoint, TokenizerSpec
+from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec
 from lutlm.formats.ggml_quants import BLOCK_TYPES, dequantize, is_supported, type_name
 from lutlm.formats.llama_layout import check_shapes
 
@@ -266,16 +266,17 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
     check_shapes(shapes, config, path)
 
-    tensors, tensor_types = {}, {}
-    for name, tensor in tqdm(by_name.items(), desc=f"reading {os.path.basename(path)}", unit="tensor",
-                             disable=None, leave=False):
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+             "self_attn.k_proj.weight": config.num_key_value_heads}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = by_name[name]
         weight = dequantize(tensor.data, tensor.tensor_type, shapes[name])
-        if name.endswith("self_attn.q_proj.weight"):
-            weight = unpermute_rotary(weight, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            weight = unpermute_rotary(weight, config.num_key_value_heads)
-        tensors[name] = weight
-        tensor_types[name] = type_name(tensor.tensor_type)
+        n_heads = next((n for suffix, n in heads.items() if name.endswith(suffix)), None)
+        return weight if n_heads is None else unpermute_rotary(weight, n_heads)
+
+    tensors = LazyTensors({name: functools.partial(read, name) for name in by_name})
+    tensor_types = {name: type_name(tensor.tensor_type) for name, tensor in by_name.items()}
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=path, tensor_types=tensor_types)
 
 

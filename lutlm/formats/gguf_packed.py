@@ -98,5 +98,6 @@ def pack_gguf_linears(checkpoint: Checkpoint) -> Checkpoint:
                 rows = unpermute_rotary(torch.arange(n).unsqueeze(1), n_heads).squeeze(1)
                 weight = permute_rows(weight, rows)
         packed[name.removesuffix(".weight")] = weight
-    tensors = {name: t for name, t in checkpoint.tensors.items() if name.removesuffix(".weight") not in packed}
+    kept = [name for name in checkpoint.tensors if name.removesuffix(".weight") not in packed]
+    tensors = {name: checkpoint.tensors[name] for name in kept}
     return dataclasses.replace(checkpoint, tensors=tensors, packed=packed)

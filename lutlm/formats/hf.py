@@ -6,16 +6,16 @@ when loaded, so they are refused rather than unpickled.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
 from lutlm.config import ModelConfig
-from lutlm.formats import Checkpoint, TokenizerSpec
+from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec
 from lutlm.formats.llama_layout import check_shapes, expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -166,6 +166,14 @@ def _post_processor_adds(processor: dict | None, token_id: int) -> bool:
     return first is not None and processor["special_tokens"].get(first["id"], {}).get("ids") == [token_id]
 
 
+def _read_tensor(file: str, name: str) -> torch.Tensor:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: corrupt safetensors file: {e}") from None
+
+
 def load_hf_folder(path: str | os.PathLike) -> Checkpoint:
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -181,19 +189,6 @@ def load_hf_folder(path: str | os.PathLike) -> Checkpoint:
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor {unexpected[0]} (not part of the Llama layout lutlm runs)")
 
-    by_file: dict[str, list[str]] = {}
-    for name, (file, _, _) in index.items():
-        by_file.setdefault(file, []).append(name)
-    tensors = {}
-    with tqdm(total=len(index), desc=f"reading {os.path.basename(os.path.normpath(folder))}", unit="tensor",
-              disable=None, leave=False) as progress:
-        for file, names in by_file.items():
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in names:
-                        tensors[name] = f.get_tensor(name).to(torch.float32)
-                        progress.update()
-            except SafetensorError as e:
-                raise ValueError(f"{file}: corrupt safetensors file: {e}") from None
+    tensors = LazyTensors({name: functools.partial(_read_tensor, file, name) for name, (file, _, _) in index.items()})
     tensor_types = {name: dtype for name, (_, _, dtype) in index.items()}
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=folder, tensor_types=tensor_types)

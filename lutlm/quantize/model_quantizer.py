@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lutlm.formats import Checkpoint
+from lutlm.formats.llama_layout import expected_shapes
 from lutlm.formats.packed import PackedWeight, check_config
 from lutlm.formats.packed_model import packed_type_name
 from lutlm.quantize.awq import quantize_awq, quantize_awq_gptq, search_scales
@@ -78,10 +79,11 @@ def plan_group_sizes(checkpoint: Checkpoint, config: QuantConfig) -> dict[str, i
     if checkpoint.packed:
         raise ValueError(f"{checkpoint.source} is already quantized; quantize a float source model instead")
     plan = {}
+    layer_shapes = expected_shapes(checkpoint.config)  # not the tensors: reading them may dequantize a file
     for stage in input_groups(checkpoint, config):
         for group in stage:
             for linear in group.linears:
-                k = float_weight(checkpoint, linear).shape[1]
+                k = checkpoint.config.hidden_size if linear == "lm_head" else layer_shapes[f"{linear}.weight"][1]
                 plan[linear] = config.group_size_for(linear, k)
                 check_config(config.bits, plan[linear], k, config.ternary)
     return plan
@@ -245,7 +247,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps, progress)
     result = QuantizationResult(packed, float_tensors, plan, time.perf_counter() - start)
 
-    tensors = {name: t for name, t in checkpoint.tensors.items() if name.removesuffix(".weight") not in packed}
+    kept = [name for name in checkpoint.tensors if name.removesuffix(".weight") not in packed]
+    tensors = {name: checkpoint.tensors[name] for name in kept}
     tensors.update(float_tensors)
     types = {name: kind for name, kind in checkpoint.tensor_types.items() if name in tensors}
     types.update({f"{name}.weight": packed_type_name(w) for name, w in packed.items()})
