@@ -113,9 +113,10 @@ def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n, k // 8, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).view(1, 1, 8)
-    planes = [(((c >> i) & 1).to(torch.int32) * weights).sum(-1).to(torch.uint8) for i in range(bits)]
-    return torch.stack(planes)
+    shifts = torch.arange(8, dtype=torch.uint8, device=codes.device).view(1, 1, 8)
+    # uint8 throughout (the eight bits are disjoint: their sum is at most 255); wider
+    # temporaries made packing a 7B model's matrix touch gigabytes of fresh memory.
+    return torch.stack([(((c >> i) & 1) << shifts).sum(-1, dtype=torch.uint8) for i in range(bits)])
 
 
 def unpack_planes(planes: torch.Tensor) -> torch.Tensor:

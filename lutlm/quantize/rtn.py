@@ -13,11 +13,23 @@ from __future__ import annotations
 import torch
 
 from lutlm.formats.packed import PackedWeight
-from lutlm.quantize.grid import fit_clipped, grouped, quantize, refine_least_squares, to_packed
+from lutlm.quantize.grid import Grid, fit_clipped, grouped, quantize, refine_least_squares, to_packed
+
+
+# Rows fitted at a time: the grid search passes over its groups some thirty times, and 64 rows
+# (1 MiB of float32 at K = 4096) stay in cache for all of them; the whole matrix at once streamed
+# from memory on each pass and took 1.6-2.8x as long (2048 x 4096, one thread). Groups are
+# fitted independently, so the result is the same.
+ROWS_PER_STEP = 64
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> PackedWeight:
     """w float [N, K] -> packed b-bit weight with one grid per group of `group_size` inputs."""
-    groups = grouped(w.float(), group_size)
-    grid = refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric)
-    return to_packed(quantize(groups, grid, bits), grid, bits)
+    codes, scales, zeros = [], [], []
+    for rows in w.split(ROWS_PER_STEP):
+        groups = grouped(rows.float(), group_size)
+        grid = refine_least_squares(groups, fit_clipped(groups, bits, symmetric), bits, symmetric)
+        codes.append(quantize(groups, grid, bits).to(torch.uint8))
+        scales.append(grid.scale)
+        zeros.append(grid.zero)
+    return to_packed(torch.cat(codes), Grid(torch.cat(scales), torch.cat(zeros)), bits)
