@@ -74,12 +74,13 @@ def lut_codes(w: PackedWeight, shape: KernelShape) -> torch.Tensor:
     """Bit patterns in the table-lookup layout: uint8 [tiles, steps, bits, 16 rows, 4]."""
     if shape.ternary_tables:
         return ternary_codes(w, shape)
-    bits = _bits(w, shape.k_padded)
-    b, n_pad, kp = bits.shape
+    b, n, kb = w.planes.shape
+    n_pad, kp = -(-n // TILE_ROWS) * TILE_ROWS, shape.k_padded
     tiles, steps = n_pad // TILE_ROWS, kp // STEP
-    # pattern of plane i over chunk c: bit j of it is the code bit of input 4c + j
-    weights = torch.tensor([1, 2, 4, 8], dtype=torch.uint8)
-    pat = (bits.view(b, n_pad, kp // 4, 4) * weights).sum(-1, dtype=torch.uint8)
+    # Pattern of plane i over chunk c: bit j of it is the code bit of input 4c + j. A plane byte
+    # holds inputs 8m .. 8m + 7 from bit 0 up, so chunk 2m is its low nibble and 2m + 1 its high.
+    planes = torch.nn.functional.pad(w.planes, (0, kp // 8 - kb, 0, n_pad - n))
+    pat = torch.stack([planes & 0x0F, planes >> 4], dim=-1)
     pat = pat.view(b, tiles, TILE_ROWS, steps, 8)  # [plane, tile, row, step, chunk]
     blocks = []
     if b == 4:  # byte (r, p): plane p; low nibble chunk 2j, high nibble chunk 2j + 1
