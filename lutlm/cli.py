@@ -127,7 +127,7 @@ def _stream(generator, prompt_ids, params) -> str:
 def cmd_generate(args) -> None:
     from lutlm.generate import Generator
 
-    model, tokenizer, _ = _load(args)
+    model, tokenizer = _load(args)[:2]  # the checkpoint's packed weights are freed
     generator = Generator(model, tokenizer, args.ctx)
     _stream(generator, tokenizer.encode(args.prompt), _sampling(args))
     _print_speed(generator.stats)
@@ -136,7 +136,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from lutlm.generate import Generator
 
-    model, tokenizer, _ = _load(args)
+    model, tokenizer = _load(args)[:2]  # the checkpoint's packed weights are freed
     generator = Generator(model, tokenizer, args.ctx)
     params = _sampling(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []

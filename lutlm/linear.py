@@ -15,9 +15,13 @@ from lutlm.kernels import default_backend, get_backend
 
 
 class PackedLinear(nn.Module):
+    """A packed weight on a kernel backend. It keeps the backend's prepared weight and the
+    format's description, not the PackedWeight: a caller that drops its packed weights (as the
+    command line does once the model is built) holds the weights once, in the kernel's layout."""
+
     def __init__(self, weight: PackedWeight, backend: str | None = None):
         super().__init__()
-        self.weight_packed = weight
+        self.bits, self.group_size, self.ternary = weight.bits, weight.group_size, weight.ternary
         self.backend_name = backend or default_backend("cpu")
         self._backend = get_backend(self.backend_name)
         self._handle = self._backend.prepare(weight)
@@ -41,9 +45,8 @@ class PackedLinear(nn.Module):
         return self._backend.matmul(x, self._handle)
 
     def extra_repr(self) -> str:
-        w = self.weight_packed
-        kind = "ternary" if w.ternary else f"{w.bits}-bit"
-        return (f"in={self.in_features}, out={self.out_features}, {kind}, group={w.group_size}, "
+        kind = "ternary" if self.ternary else f"{self.bits}-bit"
+        return (f"in={self.in_features}, out={self.out_features}, {kind}, group={self.group_size}, "
                 f"backend={self.backend_name}")
 
 

@@ -67,7 +67,7 @@ def test_packing_recipes_keep_a_4bit_head(tiny_variants):
     assert bits["4-bit reference"] == 4 + 32 / 32
     # Ternary: one fp16 scale per row, 16 / K bits; K = 64 for 28672 of the 36864 weights, 128 for down_proj.
     assert bits["ternary reference"] == pytest.approx(2 + 16 * (28672 / 64 + 8192 / 128) / 36864)
-    head = tiny_variants[0].runner.model.lm_head.weight_packed
+    head = tiny_variants[0].runner.model.lm_head
     assert (head.bits, head.group_size) == (e2e.HEAD_BITS, 32)
 
 

@@ -75,6 +75,27 @@ def test_folder_loads_alone_and_computes_the_same(tmp_path):
     assert torch.equal(logits[0], logits[1])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_built_model_holds_its_packed_weights_once(tmp_path, backend):
+    """A model built from a loaded folder keeps its weights in the backend's layout only: once
+    the checkpoint is dropped, its packed weights are freed (they doubled a model's memory)."""
+    import gc
+    import weakref
+
+    from lutlm.kernels import cpu
+
+    if backend == "cpu" and not cpu.available():
+        pytest.skip("the CPU kernels are not built")
+    save_packed_model(str(tmp_path), quantized(bits=4, group_size=32))
+    checkpoint = load_checkpoint(str(tmp_path))
+    planes = [weakref.ref(w.planes) for w in checkpoint.packed.values()]
+    model = build_model(checkpoint, backend=backend)
+    del checkpoint
+    gc.collect()
+    assert all(ref() is None for ref in planes)
+    assert "4-bit, group=32" in repr(model.model.layers[0].mlp.up_proj)
+
+
 def test_saving_an_unquantized_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no packed weights"):
         save_packed_model(str(tmp_path), tiny_checkpoint())
