@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,8 +30,11 @@ def cpu_kernels_built() -> bool:
     return cpu.available()
 
 
-def _load(args):
+def load(args):
+    """The model, tokenizer and checkpoint a command runs on, with the threads set. The checkpoint
+    comes back without its packed weights: the model holds them in its kernels' layout."""
     from lutlm.loader import load_model
+    from lutlm.native import return_freed_memory
 
     set_threads(args.threads)
     start = time.perf_counter()
@@ -45,11 +49,15 @@ def _load(args):
                   f"({', '.join(f'{t} x{n}' for t, n in left.most_common())}) run in float, off the "
                   f"table-lookup kernels; `lutlm quantize -m {checkpoint.source} -o DIR` packs every linear",
                   file=sys.stderr)
+    checkpoint = dataclasses.replace(checkpoint, packed={})
+    return_freed_memory()
     return model, tokenizer, checkpoint
 
 
 def describe(checkpoint, model) -> str:
     """What a model is: architecture, shapes, storage types, size and bits per weight."""
+    from lutlm.linear import PackedLinear
+
     c = checkpoint.config
     lines = [
         f"model:        {c.name or os.path.basename(checkpoint.source)}",
@@ -63,7 +71,7 @@ def describe(checkpoint, model) -> str:
     types = Counter(checkpoint.tensor_types.values())
     lines.append("tensor types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common()))
     n_params = sum(p.numel() for p in model.parameters())
-    n_params += sum(w.out_features * w.in_features for w in checkpoint.packed.values())
+    n_params += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, PackedLinear))
     lines.append(f"parameters:   {n_params / 1e6:.1f} M")
     stored_bits = checkpoint_storage_bits(checkpoint)
     if stored_bits:
@@ -93,7 +101,7 @@ def checkpoint_storage_bits(checkpoint) -> int:
 
 
 def cmd_info(args) -> None:
-    model, _, checkpoint = _load(args)
+    model, _, checkpoint = load(args)
     print(describe(checkpoint, model))
 
 
@@ -127,7 +135,7 @@ def _stream(generator, prompt_ids, params) -> str:
 def cmd_generate(args) -> None:
     from lutlm.generate import Generator
 
-    model, tokenizer = _load(args)[:2]  # the checkpoint's packed weights are freed
+    model, tokenizer, _ = load(args)
     generator = Generator(model, tokenizer, args.ctx)
     _stream(generator, tokenizer.encode(args.prompt), _sampling(args))
     _print_speed(generator.stats)
@@ -136,7 +144,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from lutlm.generate import Generator
 
-    model, tokenizer = _load(args)[:2]  # the checkpoint's packed weights are freed
+    model, tokenizer, _ = load(args)
     generator = Generator(model, tokenizer, args.ctx)
     params = _sampling(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -161,7 +169,7 @@ def cmd_demo(args) -> None:
 
     from lutlm.generate import Generator, SamplingParams
 
-    model, tokenizer, checkpoint = _load(args)
+    model, tokenizer, checkpoint = load(args)
     print(describe(checkpoint, model))
     print(f"\nthreads: {torch.get_num_threads()}, linear layers: {linear_kinds(model)}")
     print(f"\nuser: {DEMO_PROMPT}\nassistant: ", end="", flush=True)
@@ -176,7 +184,7 @@ def cmd_demo(args) -> None:
 def cmd_ppl(args) -> None:
     from lutlm.perplexity import model_perplexity, perplexity_tokens, read_text, score_chunks
 
-    model, tokenizer, checkpoint = _load(args)
+    model, tokenizer, checkpoint = load(args)
     text = read_text(args.text)
     exclude = None
     calibration = (checkpoint.quantization or {}).get("calibration")

@@ -558,14 +558,11 @@ def is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> None:
     """`lutlm serve` (its options: lutlm.cli): load the model and serve until interrupted."""
-    from lutlm.cli import set_threads
-    from lutlm.loader import load_model
+    from lutlm.cli import load
 
-    set_threads(args.threads)
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
+    model, tokenizer, checkpoint = load(args)
     app = create_app(model, tokenizer, checkpoint, context_length=args.ctx, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id)
-    del checkpoint  # its packed weights: the model holds them in its kernels' layout
     service = app.state.service
     print(f"serving '{service.model_id}' at http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not is_loopback(args.host):

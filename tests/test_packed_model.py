@@ -96,6 +96,25 @@ def test_a_built_model_holds_its_packed_weights_once(tmp_path, backend):
     assert "4-bit, group=32" in repr(model.model.layers[0].mlp.up_proj)
 
 
+def test_commands_load_models_without_the_packed_weights(bundled_path):
+    """The command line's loader returns the checkpoint without its packed weights (the model
+    holds them), and the model's description still counts every parameter."""
+    import argparse
+
+    from lutlm.cli import describe, load
+    from lutlm.linear import PackedLinear
+
+    def loaded(pack_gguf: bool):
+        return load(argparse.Namespace(model=bundled_path, backend="reference", pack_gguf=pack_gguf, threads=None))
+
+    model, _, checkpoint = loaded(pack_gguf=True)
+    assert checkpoint.packed == {}
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * checkpoint.config.num_hidden_layers
+    parameters = next(line for line in describe(checkpoint, model).splitlines() if line.startswith("parameters"))
+    float_model, _, float_checkpoint = loaded(pack_gguf=False)
+    assert parameters in describe(float_checkpoint, float_model)
+
+
 def test_saving_an_unquantized_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no packed weights"):
         save_packed_model(str(tmp_path), tiny_checkpoint())

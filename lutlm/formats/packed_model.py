@@ -129,7 +129,9 @@ def load_packed_model(directory: str) -> Checkpoint:
     types.update({name: "F16" if t.dtype == torch.float16 else "F32" for name, t in tensors.items()})
     return Checkpoint(
         config=ModelConfig.from_dict(meta["config"]),
-        tensors={name: t.float() for name, t in tensors.items()},
+        # Copies: safetensors hands out views of one mapping of the file, which a single kept
+        # tensor (a float32 norm weight) would hold whole, packed weights and all.
+        tensors={name: t.to(torch.float32, copy=True) for name, t in tensors.items()},
         tokenizer=TokenizerSpec(**meta["tokenizer"]),
         source=directory,
         tensor_types=types,
