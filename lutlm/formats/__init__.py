@@ -58,6 +58,13 @@ class LazyTensors(Mapping):
         return len(self._readers)
 
 
+def unpacked_tensors(tensors: Mapping[str, torch.Tensor],
+                     packed: Mapping[str, PackedWeight]) -> dict[str, torch.Tensor]:
+    """The float tensors that are not the weight of a linear in `packed` (names without
+    ".weight"), each read once: the float part of a checkpoint whose linears were packed."""
+    return {name: tensors[name] for name in tensors if name.removesuffix(".weight") not in packed}
+
+
 @dataclass
 class Checkpoint:
     config: ModelConfig

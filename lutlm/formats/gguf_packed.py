@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from lutlm.formats import Checkpoint
+from lutlm.formats import Checkpoint, unpacked_tensors
 from lutlm.formats.ggml_quants import f16_field, k_scale_min, q4_codes, q4_k_codes, type_name
 from lutlm.formats.gguf import hf_name, open_gguf, unpermute_rotary
 from lutlm.formats.packed import PackedWeight, pack_planes
@@ -98,6 +98,4 @@ def pack_gguf_linears(checkpoint: Checkpoint) -> Checkpoint:
                 rows = unpermute_rotary(torch.arange(n).unsqueeze(1), n_heads).squeeze(1)
                 weight = permute_rows(weight, rows)
         packed[name.removesuffix(".weight")] = weight
-    kept = [name for name in checkpoint.tensors if name.removesuffix(".weight") not in packed]
-    tensors = {name: checkpoint.tensors[name] for name in kept}
-    return dataclasses.replace(checkpoint, tensors=tensors, packed=packed)
+    return dataclasses.replace(checkpoint, tensors=unpacked_tensors(checkpoint.tensors, packed), packed=packed)

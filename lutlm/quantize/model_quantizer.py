@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lutlm.formats import Checkpoint
+from lutlm.formats import Checkpoint, unpacked_tensors
 from lutlm.formats.llama_layout import expected_shapes
 from lutlm.formats.packed import PackedWeight, check_config
 from lutlm.formats.packed_model import packed_type_name
@@ -247,8 +247,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps, progress)
     result = QuantizationResult(packed, float_tensors, plan, time.perf_counter() - start)
 
-    kept = [name for name in checkpoint.tensors if name.removesuffix(".weight") not in packed]
-    tensors = {name: checkpoint.tensors[name] for name in kept}
+    tensors = unpacked_tensors(checkpoint.tensors, packed)
     tensors.update(float_tensors)
     types = {name: kind for name, kind in checkpoint.tensor_types.items() if name in tensors}
     types.update({f"{name}.weight": packed_type_name(w) for name, w in packed.items()})
