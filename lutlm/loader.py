@@ -17,16 +17,22 @@ def default_model_path() -> str:
     return bundled_model_path()
 
 
-def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transformer:
-    """A Transformer holding the checkpoint's weights; packed linears go to `backend`."""
+LAYER_PREFIX = "model.layers."
+
+
+def build_model(checkpoint: Checkpoint, backend: str | None = None, load_layers: bool = True) -> Transformer:
+    """A Transformer holding the checkpoint's weights; packed linears go to `backend`.
+    `load_layers=False` leaves the decoder layers on the meta device, holding nothing, for
+    `load_layer` to fill one at a time (a 7B's layers are 27 GB of float32, one is 0.8 GB)."""
     with torch.device("meta"):
         model = Transformer(checkpoint.config)
     skip = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
-    names = [name for name in checkpoint.tensors if name not in skip]
+    names = [name for name in checkpoint.tensors
+             if name not in skip and (load_layers or not name.startswith(LAYER_PREFIX))]
     float_tensors = {name: checkpoint.tensors[name]  # reads a lazily loaded file's tensors here
                      for name in tqdm(names, desc="reading weights", unit="tensor", disable=None, leave=False)}
     packed_names = {f"{name}.weight" for name in checkpoint.packed}
-    expected = {k for k in model.state_dict() if k not in packed_names}
+    expected = {k for k in model.state_dict() if k not in packed_names and (load_layers or not k.startswith(LAYER_PREFIX))}
     if checkpoint.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = expected - float_tensors.keys()
@@ -41,6 +47,19 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None) -> Transform
     if backend == "cuda" and torch.cuda.is_available():
         model = to_fp16(model, "cuda")
     return model.eval()
+
+
+def load_layer(model: Transformer, checkpoint: Checkpoint, index: int, device: str | torch.device = "cpu") -> None:
+    """Fill decoder layer `index` of a model built with load_layers=False from the checkpoint's
+    float tensors, on `device` (a missing tensor is named)."""
+    prefix = f"{LAYER_PREFIX}{index}."
+    layer = model.model.layers[index]
+    state = {name.removeprefix(prefix): checkpoint.tensors[name] for name in checkpoint.tensors if name.startswith(prefix)}
+    missing = layer.state_dict().keys() - state.keys()
+    if missing:
+        raise ValueError(f"{checkpoint.source}: missing tensors {sorted(prefix + name for name in missing)[:5]}")
+    layer.load_state_dict(state, assign=True)
+    layer.to(device)
 
 
 def to_fp16(model: Transformer, device: str | torch.device) -> Transformer:

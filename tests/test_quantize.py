@@ -1,10 +1,13 @@
 """Quantizers: error bounds on random matrices, GPTQ and AWQ against RTN on real layers of
 the bundled model, the model quantizer, calibration and the refusals of bad requests."""
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_checkpoint import tiny_checkpoint
 
+from lutlm.formats.packed import pack_planes
 from lutlm.loader import build_model
 from lutlm.quantize import grid
 from lutlm.quantize.awq import output_error, quantize_awq, quantize_awq_gptq, search_scales
@@ -251,6 +254,45 @@ def test_model_quantizer_packs_every_linear(config):
     assert torch.isfinite(model(torch.randint(0, 128, (1, 16)))).all()
 
 
+def test_calibrated_quantization_holds_one_layer_in_memory(monkeypatch):
+    """AWQ/GPTQ load each decoder layer's float weights when they reach it and drop them after,
+    so a model needs no float32 copy of all its layers; the packed result is the same."""
+    import lutlm.loader
+
+    loaded = []
+    load_layer = lutlm.loader.load_layer
+
+    def load_one(model, checkpoint, index, device="cpu"):
+        assert all(p.is_meta for layer in model.model.layers for p in layer.parameters())
+        loaded.append(index)
+        load_layer(model, checkpoint, index, device)
+
+    checkpoint = tiny_checkpoint()
+    config = QuantConfig(method="awq-gptq", bits=3, group_size=32, act_order=True)
+    calibration = tiny_calibration(checkpoint)
+    monkeypatch.setattr(lutlm.loader, "load_layer", load_one)
+    one_at_a_time, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
+    assert loaded == [0, 1]
+    # The same layer-by-layer computation on a model loaded whole:
+    monkeypatch.setattr(lutlm.loader, "load_layer", lambda *args: None)
+    build_model_whole = lutlm.loader.build_model
+    monkeypatch.setattr(lutlm.loader, "build_model", lambda c, load_layers: build_model_whole(c))
+    whole, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
+    for name, w in whole.packed.items():
+        assert torch.equal(one_at_a_time.packed[name].planes, w.planes)
+        assert torch.equal(one_at_a_time.packed[name].scales, w.scales)
+
+
+def test_a_missing_layer_tensor_is_named():
+    from lutlm.loader import load_layer
+
+    checkpoint = tiny_checkpoint()
+    del checkpoint.tensors["model.layers.1.mlp.up_proj.weight"]
+    model = build_model(checkpoint, load_layers=False)
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_layer(model, checkpoint, 1)
+
+
 def test_group_fallback_rule():
     plan = plan_group_sizes(tiny_checkpoint(), QuantConfig(method="rtn", group_size=128, group_fallback=True))
     assert plan["model.layers.0.self_attn.q_proj"] == 64  # K = 64: the whole row
@@ -299,6 +341,71 @@ def test_grid_tuning_brings_the_model_closer_to_the_source():
     assert after < 0.9 * before, (before, after)
 
 
+def test_code_offsets_learn_the_codes_a_target_needs():
+    """TunableLinear's straight-through code offsets: regressed onto a layer whose codes differ
+    from its own by one step in 10% of the weights (same grid), the rounded codes become the
+    target's, and tuned() packs them."""
+    from lutlm.quantize.tune import TunableLinear
+
+    torch.manual_seed(0)
+    packed = quantize_rtn(torch.randn(24, 64), bits=2, group_size=32)
+    codes = packed.codes().long()
+    change = torch.rand(codes.shape) < 0.1
+    target_codes = torch.where(change, torch.where(codes < 3, codes + 1, codes - 1), codes)
+    target = dataclasses.replace(packed, planes=pack_planes(target_codes.to(torch.uint8), 2)).dequantize()
+    layer = TunableLinear(packed, train_codes=True)
+    optimizer = torch.optim.Adam([layer.code_offset], lr=0.05)
+    x = torch.randn(512, 64)
+    for _ in range(200):
+        loss = (layer(x) - x @ target.T).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tuned = layer.tuned()
+    assert (tuned.codes().long() == target_codes).float().mean() > 0.99
+    assert torch.equal(tuned.scales, packed.scales) and torch.equal(tuned.zeros, packed.zeros)
+
+
+def test_code_tuning_through_the_model_keeps_the_format(monkeypatch):
+    """quantize_checkpoint with tune_codes: codes move but stay in 0 .. 2^b - 1, the format and
+    bits per weight are unchanged, the metadata says how it was tuned, and the KL to the
+    source falls."""
+    from lutlm.quantize import tune
+
+    # The default rate moves offsets past a rounding boundary only over hundreds of steps.
+    monkeypatch.setitem(tune.LEARNING_RATES, "code_offset", 0.2)
+    checkpoint = tiny_checkpoint()
+    calibration = tiny_calibration(checkpoint, sequences=8)
+    plain, _ = quantize_checkpoint(checkpoint, QuantConfig(method="rtn", bits=2, group_size=32), progress=False)
+    config = QuantConfig(method="rtn", bits=2, group_size=32, tune_steps=60, tune_sequences=4, tune_codes=True)
+    tuned, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
+    moved = 0
+    for name, w in tuned.packed.items():
+        assert (w.bits, w.group_size, w.planes.shape) == (2, 32, plain.packed[name].planes.shape)
+        codes = w.codes()
+        assert int(codes.max()) <= 3
+        moved += int((codes != plain.packed[name].codes()).sum())
+    assert moved > 0
+    assert tuned.quantization["tune_codes"] and tuned.quantization["tune_sequences"] == 4
+    before, after = calibration_kl(checkpoint, plain, calibration), calibration_kl(checkpoint, tuned, calibration)
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantizing_on_the_gpu_matches_the_cpu():
+    """--device cuda runs the calibrated quantizer and the tuning there; the packed weights come
+    back in CPU memory and agree with the CPU's up to float rounding (a few codes at ties)."""
+    checkpoint = tiny_checkpoint()
+    calibration = tiny_calibration(checkpoint, sequences=8)
+    config = QuantConfig(method="awq-gptq", bits=3, group_size=32, act_order=True, tune_steps=4)
+    cpu, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
+    gpu, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False, device="cuda")
+    for name, w in cpu.packed.items():
+        assert gpu.packed[name].planes.device.type == "cpu"
+        assert (gpu.packed[name].codes() != w.codes()).float().mean() < 0.01
+        torch.testing.assert_close(gpu.packed[name].scales.float(), w.scales.float(), rtol=0.01, atol=0)
+
+
 def test_quantizing_a_packed_checkpoint_is_refused():
     packed, _ = quantize_checkpoint(tiny_checkpoint(), QuantConfig(method="rtn", group_size=32), progress=False)
     with pytest.raises(ValueError, match="already quantized"):
@@ -319,6 +426,8 @@ def test_quantizing_a_packed_checkpoint_is_refused():
     (dict(tune_steps=-1), "tune_steps=-1 must be 0 (no tuning) or more"),
     (dict(method="ternary", tune_steps=8), "grid tuning (--tune-steps) applies to scale-and-zero grids, not ternary"),
     (dict(method="hqq"), "unknown quantization method 'hqq'"),
+    (dict(tune_steps=8, tune_sequences=0), "tune_sequences=0 must be at least 1 sequence per step"),
+    (dict(tune_codes=True), "tune_codes (--tune-codes) needs tuning steps (--tune-steps N)"),
 ])
 def test_impossible_configs_are_refused(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -335,6 +444,10 @@ def test_group_size_not_dividing_k_is_refused_with_the_layer():
     (["--method", "ternary", "--group-size", "64"], "ternary quantization takes no group size"),
     (["--bits", "5"], "bits=5 is not supported"),
     (["--group-size", "many"], "group size must be an integer or 'row'"),
+    (["--tune-codes"], "tune_codes (--tune-codes) needs tuning steps (--tune-steps N)"),
+    (["--tune-steps", "4", "--tune-sequences", "0"], "tune_sequences=0 must be at least 1 sequence per step"),
+    pytest.param(["--device", "cuda"], "--device cuda: PyTorch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_cli_refuses_with_a_clear_message(tmp_path, capsys, argv, message):
     from lutlm.cli import main

@@ -83,7 +83,7 @@ def search_scales(
     unscaled = torch.ones_like(mean_abs)
 
     def final_error(s: torch.Tensor) -> float:
-        return sum(float(output_error(quantize_awq(w, hessian, s, bits, g, symmetric).dequantize() / s - w, hessian))
+        return sum(float(output_error(quantize_awq(w, hessian, s, bits, g, symmetric).dequantize().to(w.device) / s - w, hessian))
                    for w, g in zip(weights, group_sizes))
 
     return best_scales if final_error(best_scales) < final_error(unscaled) else unscaled
@@ -93,8 +93,8 @@ def group_output_error(hessian: torch.Tensor, group_size: int) -> Callable[[torc
     """error(diff [N, K // G, G]) -> [N, K // G, 1]: each group's output error through the
     diagonal block of H that its inputs form."""
     k = hessian.shape[0]
-    starts = torch.arange(0, k, group_size)
-    index = starts.view(-1, 1) + torch.arange(group_size).view(1, -1)
+    starts = torch.arange(0, k, group_size, device=hessian.device)
+    index = starts.view(-1, 1) + torch.arange(group_size, device=hessian.device).view(1, -1)
     blocks = hessian[index.unsqueeze(-1), index.unsqueeze(1)]  # [K // G, G, G]
 
     def error(diff: torch.Tensor) -> torch.Tensor:

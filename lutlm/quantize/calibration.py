@@ -67,10 +67,10 @@ class InputStats:
     """Running second moment E[x x^T] (GPTQ's Hessian, AWQ's error metric) and mean |x|
     (AWQ's channel salience) of one linear layer's inputs."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
         # float64 sums: tens of thousands of tokens are added, one batch product at a time
-        self.xtx = torch.zeros(features, features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.xtx = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -91,7 +91,7 @@ class InputStats:
 @contextlib.contextmanager
 def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, InputStats]]:
     """Accumulate InputStats of each module's first input while the block runs."""
-    stats = {name: InputStats(module.in_features) for name, module in modules.items()}
+    stats = {name: InputStats(module.in_features, module.weight.device) for name, module in modules.items()}
     hooks = [
         module.register_forward_pre_hook(lambda _module, args, s=stats[name]: s.add(args[0]))
         for name, module in modules.items()

@@ -40,6 +40,8 @@ class QuantConfig:
     damp: float = 0.01  # GPTQ_METHODS only, as a fraction of the Hessian's mean diagonal
     quantize_head: bool = False  # also quantize lm_head (kept in float by default)
     tune_steps: int = 0  # steps of end-to-end grid tuning after quantizing (lutlm.quantize.tune); 0: none
+    tune_sequences: int = 2  # calibration sequences per tuning step
+    tune_codes: bool = False  # tuning also moves the integer codes (straight-through rounding)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +72,10 @@ class QuantConfig:
             raise ValueError(f"tune_steps={self.tune_steps} must be 0 (no tuning) or more")
         if self.tune_steps and self.ternary:
             raise ValueError("grid tuning (--tune-steps) applies to scale-and-zero grids, not ternary weights")
+        if self.tune_sequences < 1:
+            raise ValueError(f"tune_sequences={self.tune_sequences} must be at least 1 sequence per step")
+        if self.tune_codes and not self.tune_steps:
+            raise ValueError("tune_codes (--tune-codes) needs tuning steps (--tune-steps N)")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp} must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")
 
@@ -108,8 +114,9 @@ class QuantConfig:
         if self.ternary:
             return f"ternary {'per-tensor' if self.ternary_group is None else f'g{self.ternary_group}'}"
         group = "row" if self.group_size is None else f"g{self.group_size}"
+        tuned = f"tuned {self.tune_steps}x{self.tune_sequences}{' codes' if self.tune_codes else ''}"
         extras = [flag for flag, on in (("sym", self.symmetric), ("act-order", self.act_order),
-                                        (f"tuned {self.tune_steps}", self.tune_steps)) if on]
+                                        (tuned, self.tune_steps)) if on]
         return " ".join([self.method, f"{self.bits}-bit", group, *extras])
 
     def to_dict(self) -> dict:

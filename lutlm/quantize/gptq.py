@@ -33,13 +33,13 @@ BLOCK_COLUMNS = 128
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
     k = hessian.shape[0]
-    h = hessian + damp * torch.diag(hessian).mean() * torch.eye(k, dtype=hessian.dtype)
+    h = hessian + damp * torch.diag(hessian).mean() * torch.eye(k, dtype=hessian.dtype, device=hessian.device)
     lower, info = torch.linalg.cholesky_ex(h)
     if info:
         raise ValueError(f"the Hessian is not positive definite with damping {damp}; use a larger damping")
     # H^-1 = L^-T L^-1 by a triangular solve: torch.cholesky_inverse is single-threaded
     # on CPU and some 20x slower at K = 1536.
-    lower_inv = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=h.dtype), upper=False)
+    lower_inv = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=h.dtype, device=h.device), upper=False)
     return torch.linalg.cholesky(lower_inv.T @ lower_inv, upper=True)
 
 
@@ -63,8 +63,8 @@ def quantize_gptq(
     w[:, dead] = 0
 
     n_groups = k // group_size
-    scale = torch.zeros(n, n_groups, 1)
-    zero = torch.zeros(n, n_groups, 1)
+    scale = torch.zeros(n, n_groups, 1, device=w.device)
+    zero = torch.zeros(n, n_groups, 1, device=w.device)
     fit_up_front = act_order or group_size == k
     importance = torch.diag(h)  # column k's weight in the layer's output error, cross terms aside
 
@@ -75,13 +75,13 @@ def quantize_gptq(
     if fit_up_front:
         grid = fit(grouped(w, group_size), importance.view(-1, group_size))
         scale, zero = grid.scale, grid.zero
-    order = torch.argsort(importance, descending=True) if act_order else torch.arange(k)
+    order = torch.argsort(importance, descending=True) if act_order else torch.arange(k, device=w.device)
     w = w[:, order]
     h = h[order][:, order]
     u = inverse_hessian_factor(h, damp)
 
     top = top_code(bits)
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=w.device)
     block = group_size * max(1, BLOCK_COLUMNS // group_size) if group_size < k else BLOCK_COLUMNS
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

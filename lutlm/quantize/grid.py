@@ -183,12 +183,13 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def to_packed(codes: torch.Tensor, grid: Grid, bits: int, ternary: bool = False) -> PackedWeight:
-    """Codes [N, K // G, G] and their grid ([N, K // G, 1]) -> the packed format."""
+    """Codes [N, K // G, G] and their grid ([N, K // G, 1]) -> the packed format, in CPU memory
+    wherever the quantizer ran (packed weights are saved and prepared for kernels from there)."""
     n, groups, group_size = codes.shape
     return PackedWeight(
-        planes=pack_planes(codes.reshape(n, groups * group_size).to(torch.uint8), bits),
-        scales=grid.scale.reshape(n, groups).to(torch.float16),
-        zeros=grid.zero.reshape(n, groups).to(torch.float16),
+        planes=pack_planes(codes.reshape(n, groups * group_size).to(torch.uint8), bits).cpu(),
+        scales=grid.scale.reshape(n, groups).to(torch.float16).cpu(),
+        zeros=grid.zero.reshape(n, groups).to(torch.float16).cpu(),
         bits=bits,
         group_size=group_size,
         ternary=ternary,

@@ -8,7 +8,8 @@ searched and folded, then GPTQ's rounding of the scaled weights) run the calibra
 through the model one decoder layer at a time, as their reference implementations do:
 the layer's linear inputs are recorded, its linears quantized, and its outputs, computed
 with the quantized weights, become the next layer's inputs, so each layer is fitted to
-the inputs it will really receive.
+the inputs it will really receive. Only that layer's float weights are loaded (besides the
+embedding and head), so a model need not fit in memory as float32 to be calibrated.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def quantize_stage(model: nn.Module, stage: list[InputGroup], stats: dict[str, I
         hessian = stats[group.producer].hessian
         for name in group.linears:
             w = model.get_submodule(name).weight.detach()
-            s = scales.get(group, torch.ones(w.shape[1]))
+            s = scales.get(group, torch.ones(w.shape[1], device=w.device))
             if config.method == "awq":
                 packed[name] = quantize_awq(w, hessian, s, config.bits, plan[name], config.symmetric)
             elif config.method == "awq-gptq":
@@ -188,7 +189,7 @@ def quantize_stage(model: nn.Module, stage: list[InputGroup], stats: dict[str, I
                 packed[name] = quantize_gptq(w, hessian, config.bits, plan[name], config.symmetric,
                                              config.damp, config.act_order)
             # Later layers see this layer's quantized outputs.
-            model.get_submodule(name).weight = nn.Parameter(packed[name].dequantize(), requires_grad=False)
+            model.get_submodule(name).weight = nn.Parameter(packed[name].dequantize().to(w.device), requires_grad=False)
     return packed, scales
 
 
@@ -196,7 +197,7 @@ def record_stage(model: nn.Module, stage: list[InputGroup], hidden: list[torch.T
                  layer_args: tuple, index: int) -> dict[str, InputStats]:
     """Input statistics of each group of the stage (keyed by producer) over all batches."""
     if stage == [HEAD_GROUP]:
-        stats = InputStats(model.lm_head.in_features)
+        stats = InputStats(model.lm_head.in_features, model.lm_head.weight.device)
         for x in hidden:
             stats.add(model.model.norm(x))
         return {HEAD_GROUP.producer: stats}
@@ -209,44 +210,61 @@ def record_stage(model: nn.Module, stage: list[InputGroup], hidden: list[torch.T
 
 @torch.no_grad()  # not inference_mode: the tensors made here become model parameters later
 def quantize_calibrated(checkpoint: Checkpoint, config: QuantConfig, plan: dict[str, int],
-                        calibration: CalibrationSet, progress: bool) -> tuple[dict, dict]:
-    """Packed linears, and the float tensors AWQ changed (norm weights with folded scales)."""
-    from lutlm.loader import build_model
+                        calibration: CalibrationSet, device: str, progress: bool) -> tuple[dict, dict]:
+    """Packed linears, and the float tensors AWQ changed (norm weights with folded scales).
+    One decoder layer's float weights are in memory at a time."""
+    from lutlm.loader import build_model, load_layer
 
-    model = build_model(checkpoint)
+    model = build_model(checkpoint, load_layers=False)
+    for loaded in (model.model.embed_tokens, model.model.norm, model.lm_head):  # not the layers: on "meta"
+        loaded.to(device)
+    model.inv_freq = model.inv_freq.to(device)
     n_sequences, seq_len = calibration.tokens.shape
     model.setup_cache(min(CALIBRATION_BATCH, n_sequences), seq_len)
-    hidden, layer_args = first_layer_inputs(model, calibration.tokens)
+    hidden, layer_args = first_layer_inputs(model, calibration.tokens.to(device))
     packed, float_tensors = {}, {}
     stages = input_groups(checkpoint, config)
     bar = tqdm(stages, desc=f"quantizing ({config.describe()})", unit="layer", disable=not progress)
     for index, stage in enumerate(bar):
+        if stage != [HEAD_GROUP]:
+            load_layer(model, checkpoint, index, device)
         stats = record_stage(model, stage, hidden, layer_args, index)
         stage_packed, scales = quantize_stage(model, stage, stats, config, plan)
         packed.update(stage_packed)
         for group in scales:
             if group.producer not in stage_packed:  # a norm; folds into linears travel in their packed weights
-                float_tensors[f"{group.producer}.weight"] = model.get_submodule(group.producer).weight.detach()
+                float_tensors[f"{group.producer}.weight"] = model.get_submodule(group.producer).weight.detach().cpu()
         if stage != [HEAD_GROUP]:
             hidden = [model.model.layers[index](x, *layer_args) for x in hidden]
+            model.model.layers[index].to("meta")  # its packed weights are kept; its float ones go
     return packed, float_tensors
 
 
 def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration: CalibrationSet | None = None,
-                        progress: bool = True) -> tuple[Checkpoint, QuantizationResult]:
-    """A checkpoint whose linears are packed low-bit weights, and how it was made."""
+                        progress: bool = True, device: str = "cpu") -> tuple[Checkpoint, QuantizationResult]:
+    """A checkpoint whose linears are packed low-bit weights, and how it was made. `device`:
+    where the calibrated quantizers and the tuning run (the results are the same, up to float
+    rounding, on any device); the packed weights come back in CPU memory."""
     plan = plan_group_sizes(checkpoint, config)
     start = time.perf_counter()
     if config.needs_calibration and calibration is None:
         raise ValueError(f"{config.describe()} needs calibration data")
     if config.method in CALIBRATED_METHODS:
-        packed, float_tensors = quantize_calibrated(checkpoint, config, plan, calibration, progress)
+        packed, float_tensors = quantize_calibrated(checkpoint, config, plan, calibration, device, progress)
     else:
         packed, float_tensors = quantize_weights_only(checkpoint, config, plan, progress), {}
     if config.tune_steps:
-        packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps, progress)
+        packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps,
+                                           config.tune_sequences, config.tune_codes, device, progress)
     result = QuantizationResult(packed, float_tensors, plan, time.perf_counter() - start)
+    return packed_checkpoint(checkpoint, config, result, calibration), result
 
+
+def packed_checkpoint(checkpoint: Checkpoint, config: QuantConfig, result: QuantizationResult,
+                      calibration: CalibrationSet | None) -> Checkpoint:
+    """The source checkpoint with `result`'s packed linears and changed float tensors, and the
+    quantization's description (saved as the packed folder's metadata)."""
+    packed, float_tensors, plan = result.packed, result.float_tensors, result.group_sizes
     tensors = unpacked_tensors(checkpoint.tensors, packed)
     tensors.update(float_tensors)
     types = {name: kind for name, kind in checkpoint.tensor_types.items() if name in tensors}
@@ -259,6 +277,5 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         "seconds": result.seconds,
         "calibration": calibration.describe() if calibration and config.needs_calibration else None,
     }
-    quantized = dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, packed=packed, quantization=info)
-    return quantized, result
+    return dataclasses.replace(checkpoint, tensors=tensors, tensor_types=types, packed=packed, quantization=info)
 

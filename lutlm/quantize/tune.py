@@ -4,27 +4,39 @@ The layer-wise quantizers (RTN, AWQ, GPTQ) each minimize one linear's output err
 on a small model their errors compound through the layers, and a smaller layer-wise error no
 longer means a lower perplexity (on SmolLM2 at 4 bits, a least-squares refit of the scales
 that lowered every layer's output error by ~3% raised perplexity). This step, in the spirit of
-EfficientQAT's end-to-end training of quantization parameters (Chen et al., 2024), keeps every
-integer code as quantized and tunes, through the whole model at once,
+EfficientQAT's end-to-end training of quantization parameters (Chen et al., 2024), tunes
+through the whole model at once
 
     each group's scale s (as s0 * exp(a), so that it stays positive and moves in ratios),
     each group's zero z (in code units, as stored),
     the RMSNorm weights (float tensors of the packed folder already: AWQ folds scales there),
 
-to minimize KL(source || quantized) of the next-token distributions on the calibration
-sequences. Matching the source model, not the calibration text's labels, keeps the tuned
-model an approximation of the source rather than a model fine-tuned to that text. The format,
-and so the bits per weight, is unchanged: scales and zeros are rounded to fp16 as stored.
+and, with `train_codes`, the integer codes themselves (each weight's code plus a trained
+offset, rounded in the forward pass and passed through as the identity in the backward pass:
+a straight-through estimator, as in EfficientQAT's block-wise phase), to minimize
+KL(source || quantized) of the next-token distributions on the calibration sequences, with
+Adam and a cosine decay of the learning rates to zero. Matching the source model, not the
+calibration text's labels, keeps the tuned model an approximation of the source rather than
+a model fine-tuned to that text. The format, and so the bits per weight, is unchanged: scales
+and zeros are rounded to fp16 as stored, codes stay in 0 .. 2^b - 1.
+
+What it buys on SmolLM2-135M, awq-gptq 3-bit g128 act-order from 256 calibration sequences
+(perplexity, 16 WikiText-2 chunks; source 28.49): untuned 39.65; grids 32 steps x 2 sequences
+35.02, 500 x 4 33.92; grids and codes 500 x 4 33.63, 600 x 8 33.33, 1,200 x 16 32.99 (1.5 M of
+the 106 M codes moved); a code learning rate of 2e-2 instead of 1e-2 moved 6.8 M codes and gave
+36.08. Measured on an H200 (benchmarks/results/ppl_smollm2_tuned.md has the table).
 
 Cost: one forward pass of the source and a forward and backward pass of the quantized model per
-step (about 10 s per step of 2 x 512 tokens for SmolLM2-135M on 2 cores); memory: the model in
-fp32 with its activations for backpropagation, so this is meant for models of a few hundred
-million parameters on a CPU.
+step: about 10 s a step of 2 x 512 tokens for SmolLM2-135M on 2 CPU cores, 0.35 s a step of
+16 x 512 on an H200 (launch-bound there: 4 sequences take 0.22 s). Memory: the model in fp32
+with its activations for backpropagation, so this is meant for models of a few hundred million
+parameters (a GPU takes larger ones).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,36 +44,48 @@ from torch import nn
 from tqdm import tqdm
 
 from lutlm.formats import Checkpoint
-from lutlm.formats.packed import PackedWeight
+from lutlm.formats.packed import PackedWeight, pack_planes
 from lutlm.quantize.calibration import CalibrationSet
 
-SEQUENCES_PER_STEP = 2
-LEARNING_RATES = {"log_scale": 1e-3, "zero": 1e-2, "norm": 1e-4}  # Adam; zero in code units
+LEARNING_RATES = {"log_scale": 1e-3, "zero": 1e-2, "norm": 1e-4, "code_offset": 1e-2}  # Adam; zero and codes in code units
 
 
 class TunableLinear(nn.Module):
-    """A packed weight whose codes are fixed and whose grid (scale, zero per group) is trainable."""
+    """A packed weight whose grid (scale, zero per group) is trainable, and whose codes are
+    fixed or, with `train_codes`, move by a trained offset rounded through a straight-through
+    estimator (the forward pass uses the rounded codes; gradients pass the rounding as if it
+    were the identity)."""
 
-    def __init__(self, packed: PackedWeight):
+    def __init__(self, packed: PackedWeight, train_codes: bool = False):
         super().__init__()
         n, k, g = packed.out_features, packed.in_features, packed.group_size
         self.packed = packed
-        self.register_buffer("codes", packed.codes().view(n, k // g, g))  # uint8: a quarter of fp32's memory
+        self.register_buffer("codes0", packed.codes().view(n, k // g, g))  # uint8: a quarter of fp32's memory
         self.register_buffer("scale0", packed.scales.float().unsqueeze(-1))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.zero = nn.Parameter(packed.zeros.float().unsqueeze(-1))
+        self.code_offset = nn.Parameter(torch.zeros(n, k // g, g)) if train_codes else None
 
     def scale(self) -> torch.Tensor:
         return self.scale0 * self.log_scale.exp()
 
+    def codes(self) -> torch.Tensor:
+        if self.code_offset is None:
+            return self.codes0.float()
+        moved = self.codes0.float() + self.code_offset
+        return (moved + (moved.round() - moved).detach()).clamp(0, (1 << self.packed.bits) - 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.scale() * (self.codes.float() - self.zero)
+        weight = self.scale() * (self.codes() - self.zero)
         return F.linear(x, weight.view(self.packed.out_features, self.packed.in_features))
 
     def tuned(self) -> PackedWeight:
-        """The packed weight with the tuned grid, rounded to fp16 as the format stores it."""
-        return dataclasses.replace(self.packed, scales=self.scale().detach().squeeze(-1).half(),
-                                   zeros=self.zero.detach().squeeze(-1).half())
+        """The packed weight with the tuned grid and codes, rounded to fp16 as the format stores it."""
+        n, k = self.packed.out_features, self.packed.in_features
+        with torch.no_grad():
+            planes = pack_planes(self.codes().view(n, k).to(torch.uint8), self.packed.bits)
+            return dataclasses.replace(self.packed, planes=planes.cpu(), scales=self.scale().squeeze(-1).half().cpu(),
+                                       zeros=self.zero.squeeze(-1).half().cpu())
 
 
 def is_norm(name: str) -> bool:
@@ -75,14 +99,15 @@ def kl_to_source(source_logits: torch.Tensor, logits: torch.Tensor) -> torch.Ten
 
 
 def tune_grids(checkpoint: Checkpoint, packed: dict[str, PackedWeight], float_tensors: dict[str, torch.Tensor],
-               calibration: CalibrationSet, steps: int, progress: bool = True
-               ) -> tuple[dict[str, PackedWeight], dict[str, torch.Tensor]]:
-    """Tune the grids of `packed` and the norm weights (from `float_tensors` where the quantizer
-    changed them, else the source's) for `steps` steps; returns both, tuned. The source
-    checkpoint is not modified."""
+               calibration: CalibrationSet, steps: int, sequences_per_step: int = 2, train_codes: bool = False,
+               device: str = "cpu", progress: bool = True) -> tuple[dict[str, PackedWeight], dict[str, torch.Tensor]]:
+    """Tune the grids of `packed` (and with `train_codes` their codes) and the norm weights
+    (from `float_tensors` where the quantizer changed them, else the source's) for `steps`
+    steps of `sequences_per_step` calibration sequences on `device`; returns both, tuned, in
+    CPU memory. The source checkpoint is not modified."""
     from lutlm.loader import build_model
 
-    source = build_model(checkpoint)
+    source = build_model(checkpoint).to(device)
     model = build_model(checkpoint)
     others = [name for name in float_tensors if not is_norm(name.removesuffix(".weight"))]
     if others:
@@ -90,7 +115,7 @@ def tune_grids(checkpoint: Checkpoint, packed: dict[str, PackedWeight], float_te
     tunable = {}
     for name, weight in packed.items():
         parent, _, child = name.rpartition(".")
-        tunable[name] = TunableLinear(weight)
+        tunable[name] = TunableLinear(weight, train_codes)
         setattr(model.get_submodule(parent) if parent else model, child, tunable[name])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,37 +125,44 @@ def tune_grids(checkpoint: Checkpoint, packed: dict[str, PackedWeight], float_te
             start = float_tensors.get(f"{name}.weight", m.weight.detach())
             m.weight = nn.Parameter(start.float().clone())
             norms[name] = m.weight
+    model.to(device)  # moves parameters in place: `tunable` and `norms` still name them
     groups = {
         "log_scale": [t.log_scale for t in tunable.values()],
         "zero": [t.zero for t in tunable.values()],
         "norm": list(norms.values()),
+        "code_offset": [t.code_offset for t in tunable.values() if train_codes],
     }
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": params, "lr": LEARNING_RATES[key]} for key, params in groups.items()])
+    optimizer = torch.optim.Adam([{"params": params, "lr": LEARNING_RATES[key]} for key, params in groups.items()
+                                  if params])
+    # Cosine decay to zero: the last steps settle instead of jumping between roundings.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
 
-    tokens = calibration.tokens
+    tokens = calibration.tokens.to(device)
     seq_len = tokens.shape[1]
-    source.setup_cache(SEQUENCES_PER_STEP, seq_len)
-    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
+    source.setup_cache(sequences_per_step, seq_len)
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    in_step = torch.arange(sequences_per_step, device=device)
     bar = tqdm(range(steps), desc="tuning grids (KL to the source)", unit="step", disable=not progress)
     for step in bar:
-        batch = tokens[order[(torch.arange(SEQUENCES_PER_STEP) + step * SEQUENCES_PER_STEP) % len(tokens)]]
+        batch = tokens[order[(in_step + step * sequences_per_step) % len(tokens)]]
         with torch.no_grad():
             source_logits = source(batch, 0)
         # A fresh KV cache each step: the model writes its keys and values there, and the old
         # buffers would keep the previous step's autograd graph.
         model.max_batch = 0
-        model.setup_cache(SEQUENCES_PER_STEP, seq_len)
+        model.setup_cache(sequences_per_step, seq_len)
         loss = kl_to_source(source_logits, model(batch, 0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         bar.set_postfix(kl=f"{loss.item():.4f}")
 
     tuned_floats = dict(float_tensors)
     for name, weight in norms.items():
         dtype = checkpoint.tensors[f"{name}.weight"].dtype
-        tuned_floats[f"{name}.weight"] = weight.detach().to(dtype)
+        tuned_floats[f"{name}.weight"] = weight.detach().to(dtype).cpu()
     return {name: t.tuned() for name, t in tunable.items()}, tuned_floats
