@@ -6,6 +6,8 @@ One run, one text, one set of chunks for every row, so that rows differ only by 
   * lutlm's RTN, AWQ and GPTQ at each bit-width and group size asked for, and ternary
     (absmean, per tensor), quantized from that source and run on the exact reference path
     (weights dequantized once, fp32 matmuls), so that a row measures its quantizer alone;
+  * packed folders quantized beforehand (--packed: say, tuned on a GPU), from the same source
+    GGUF and calibrated on the same text, run on the same reference path;
   * with llama-cpp-python installed, llama.cpp's own quantizations of the same source GGUF
     (requantized by its quantize function) and the source itself, run and scored by
     llama.cpp on the very tokens lutlm scored.
@@ -14,7 +16,8 @@ Bits per weight count the decoder-layer linears only, scales and zeros included 
 and output head are kept the same way by both engines' defaults, and reported apart).
 
 Calibration (AWQ, GPTQ) takes the text's last tokens (lutlm.quantize.calibration); every
-row skips the chunks that overlap them, so no row is scored on text a quantizer saw.
+row skips the chunks that overlap them, or those of any --packed folder, so no row is scored
+on text a quantizer saw.
 On SmolLM2, whose hidden size 576 is not a multiple of 128, "g128" uses the group-size
 fallback (QuantConfig.group_fallback): groups of 96 where K = 576, 128 where K = 1536; the
 bits per weight reported are those of the group sizes used.
@@ -22,6 +25,7 @@ bits per weight reported are those of the group sizes used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -34,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from lutlm import peer
-from lutlm.formats import load_checkpoint
+from lutlm.formats import Checkpoint, load_checkpoint
 from lutlm.formats.gguf import linear_storage
 from lutlm.loader import build_model, default_model_path
 from lutlm.perplexity import DEFAULT_TEXT, PerplexityResult, model_perplexity, perplexity_tokens, read_text, score_chunks
@@ -80,6 +84,22 @@ def lutlm_configs(methods: list[str], bits: list[int], groups: list[int], ternar
     return ([QuantConfig(method="ternary")] if ternary else []) + configs
 
 
+def packed_folder(path: str, source: str, text: str) -> tuple[Checkpoint, QuantConfig]:
+    """A packed folder for a row of its own, once it is known to come from `source` and to
+    have been calibrated (if at all) on `text`."""
+    checkpoint = load_checkpoint(path)
+    info = checkpoint.quantization
+    if not checkpoint.packed or not info:
+        raise ValueError(f"{path} is not a packed model folder written by lutlm quantize")
+    if Path(info["source"]).name != Path(source).name:
+        raise ValueError(f"{path} was quantized from {info['source']}, not from {source}")
+    calibration = info.get("calibration")
+    if calibration and Path(calibration["text"]).name != Path(text).name:
+        raise ValueError(f"{path} was calibrated on {calibration['text']}, not on the scored text {text}")
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    return checkpoint, QuantConfig(**{k: v for k, v in info.items() if k in fields})
+
+
 def run(args) -> dict:
     source = args.model or default_model_path()
     if not str(source).endswith(".gguf"):
@@ -89,6 +109,7 @@ def run(args) -> dict:
     groups = [int(g) for g in args.groups.split(",") if g]
     # Built first: a bad request is refused before any work.
     configs = lutlm_configs(methods, bits, groups, not args.no_ternary, args.act_order, args.tune_steps)
+    folders = {path: packed_folder(path, source, args.text) for path in args.packed}
     use_peer = peer.available() and not args.no_peer
     args.max_chunks = args.max_chunks or None
     torch.set_num_threads(args.threads)
@@ -98,7 +119,10 @@ def run(args) -> dict:
     text = read_text(args.text)
     tokens, bos = perplexity_tokens(tokenizer, text)
     calibration = calibration_set(tokenizer, args.text, args.calib_sequences, args.calib_seq_len)
-    exclude = calibration.token_range
+    # Calibration slices are the text's last tokens: the widest covers every other.
+    ranges = [calibration.token_range] + [tuple(c.quantization["calibration"]["token_range"])
+                                          for c, _ in folders.values() if c.quantization.get("calibration")]
+    exclude = (min(r[0] for r in ranges), max(r[1] for r in ranges))
     source_bpw, head_type = linear_storage(source)
 
     def evaluate(model) -> tuple[PerplexityResult, float]:
@@ -115,6 +139,7 @@ def run(args) -> dict:
         "calibration": calibration.describe(),
         "threads": args.threads,
         "head": f"{head_type} in the source, kept as is by both engines",
+        "packed": list(folders),
         "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
         "rows": [],
     }
@@ -165,6 +190,12 @@ def run(args) -> dict:
         add(scored_row("lutlm", config.describe(), config.method, None if config.ternary else config.bits,
                        group, info.bits_per_weight, result, info.seconds, seconds))
 
+    for path, (quantized, config) in folders.items():
+        result, seconds = evaluate(build_model(quantized, backend="reference"))
+        info = quantized.quantization
+        add(scored_row("lutlm", f"{config.describe()} [{Path(path).name}]", config.method, config.bits,
+                       f"g{config.group_size}", info["bits_per_weight"], result, info["seconds"], seconds))
+
     print(markdown(report))
     print(f"wrote {out / args.stem}.{{md,json,png}}")
     return report
@@ -208,6 +239,8 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report.get('command', 'not recorded')}`, {report['threads']} threads.",
         "",
+        *(["Rows named [folder] were quantized beforehand (`lutlm quantize -o folder`, given to --packed); "
+           "their quantize seconds are those recorded in the folder.", ""] if report.get("packed") else []),
         "| engine | variant | bits/weight | perplexity | 95% interval | vs source | quantize s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -270,6 +303,9 @@ def add_parser(bench_subparsers) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ rounding in order of decreasing activation energy")
     p.add_argument("--tune-steps", type=int, default=0,
                    help="end-to-end grid tuning steps after each non-ternary quantizer (lutlm quantize --tune-steps)")
+    p.add_argument("--packed", nargs="*", default=[], metavar="DIR",
+                   help="also score these packed folders (lutlm quantize -o DIR from the same source and text, "
+                        "e.g. tuned on a GPU)")
     p.add_argument("--peer-types", default=",".join(PEER_TYPES), help="llama.cpp quantizations, comma-separated")
     p.add_argument("--no-peer", action="store_true", help="lutlm rows only, even with llama-cpp-python installed")
     p.add_argument("--calib-sequences", type=int, default=DEFAULT_SEQUENCES)
