@@ -27,12 +27,15 @@ def build_model(checkpoint: Checkpoint, backend: str | None = None, load_layers:
     with torch.device("meta"):
         model = Transformer(checkpoint.config)
     skip = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
-    names = [name for name in checkpoint.tensors
-             if name not in skip and (load_layers or not name.startswith(LAYER_PREFIX))]
+
+    def loaded_now(name: str) -> bool:
+        return load_layers or not name.startswith(LAYER_PREFIX)
+
+    names = [name for name in checkpoint.tensors if name not in skip and loaded_now(name)]
     float_tensors = {name: checkpoint.tensors[name]  # reads a lazily loaded file's tensors here
                      for name in tqdm(names, desc="reading weights", unit="tensor", disable=None, leave=False)}
     packed_names = {f"{name}.weight" for name in checkpoint.packed}
-    expected = {k for k in model.state_dict() if k not in packed_names and (load_layers or not k.startswith(LAYER_PREFIX))}
+    expected = {k for k in model.state_dict() if k not in packed_names and loaded_now(k)}
     if checkpoint.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = expected - float_tensors.keys()

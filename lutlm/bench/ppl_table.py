@@ -25,7 +25,6 @@ bits per weight reported are those of the group sizes used.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import sys
@@ -96,8 +95,7 @@ def packed_folder(path: str, source: str, text: str) -> tuple[Checkpoint, QuantC
     calibration = info.get("calibration")
     if calibration and Path(calibration["text"]).name != Path(text).name:
         raise ValueError(f"{path} was calibrated on {calibration['text']}, not on the scored text {text}")
-    fields = {f.name for f in dataclasses.fields(QuantConfig)}
-    return checkpoint, QuantConfig(**{k: v for k, v in info.items() if k in fields})
+    return checkpoint, QuantConfig.from_dict(info)
 
 
 def run(args) -> dict:

@@ -13,7 +13,7 @@ Ternary weights take no group size: their absmean scale is per tensor, or per gr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from lutlm.formats.packed import SUPPORTED_BITS
 
@@ -121,3 +121,9 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, info: dict) -> "QuantConfig":
+        """The config back from to_dict's fields in a packed folder's metadata (its other keys,
+        such as the source and the calibration slice, are left out)."""
+        return cls(**{f.name: info[f.name] for f in fields(cls) if f.name in info})
