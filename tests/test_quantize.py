@@ -13,7 +13,7 @@ from lutlm.quantize import grid
 from lutlm.quantize.awq import output_error, quantize_awq, quantize_awq_gptq, search_scales
 from lutlm.quantize.calibration import CalibrationSet, InputStats, calibration_set, record_inputs
 from lutlm.quantize.config import SCALING_METHODS, QuantConfig
-from lutlm.quantize.gptq import quantize_gptq
+from lutlm.quantize.gptq import inverse_hessian_factor, quantize_gptq
 from lutlm.quantize.model_quantizer import (
     can_fold, fold_inverse_scales, layer_input_groups, plan_group_sizes, quantize_checkpoint,
 )
@@ -127,6 +127,20 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, act_order):
     # GPTQ minimizes this output error; on strongly correlated inputs it removes well over a
     # third of RTN's (measured: 50-70% at these shapes), so 0.75 leaves a wide margin.
     assert output_error(gptq.dequantize() - w, h) < 0.75 * output_error(rtn.dequantize() - w, h)
+
+
+@pytest.mark.parametrize("k", [37, 300])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k):
+    x = correlated_inputs(k)
+    h = x.T @ x / len(x)
+    u = inverse_hessian_factor(h, 0.01)
+    damped = h.double() + 0.01 * torch.diag(h).double().mean() * torch.eye(k, dtype=torch.float64)
+    exact = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.equal(u, u.triu())
+    # A float32 inverse of a matrix with condition number c errs by up to ~c * 2^-24
+    # relative; c is 2.5e3 and 4.6e3 here (the 10x channels, damped by 1%), so 1e-3 bounds
+    # it with room to spare (measured: 5e-7 and 6e-7).
+    assert float((u.double() - exact).abs().max() / exact.abs().max()) < 1e-3
 
 
 def test_gptq_zeroes_inputs_that_never_fire():

@@ -75,13 +75,13 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.T @ x).double()
-        self.abs_sum += x.abs().sum(0).double()
+        self.xtx += x.T @ x  # widened to float64 inside the addition: no float64 copy of the product
+        self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
-        return (self.xtx / self.count).float()
+        return self.xtx.float().div_(self.count)  # not xtx / count: a float64 temporary of K x K
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -31,16 +31,27 @@ BLOCK_COLUMNS = 128
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that U^T U is that inverse.
+
+    With J the order-reversing permutation and J H J = M M^T (M lower triangular), the inverse
+    is (J M^-T J)(J M^-1 J), and J M^-1 J is upper triangular: one Cholesky factorization and
+    one triangular solve instead of inverting H and factorizing the inverse. At K = 11008 (a
+    7B model's down_proj) that took 12.5 s instead of 32.7 s on 2 CPU cores and holds two
+    K x K buffers at a time instead of five (U agrees to 6e-7 of its largest entry).
+    """
     k = hessian.shape[0]
-    h = hessian + damp * torch.diag(hessian).mean() * torch.eye(k, dtype=hessian.dtype, device=hessian.device)
-    lower, info = torch.linalg.cholesky_ex(h)
+    reversed_h = hessian.flip(0, 1)
+    reversed_h.diagonal().add_(damp * reversed_h.diagonal().mean())
+    lower, info = torch.linalg.cholesky_ex(reversed_h)
     if info:
         raise ValueError(f"the Hessian is not positive definite with damping {damp}; use a larger damping")
-    # H^-1 = L^-T L^-1 by a triangular solve: torch.cholesky_inverse is single-threaded
-    # on CPU and some 20x slower at K = 1536.
-    lower_inv = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=h.dtype, device=h.device), upper=False)
-    return torch.linalg.cholesky(lower_inv.T @ lower_inv, upper=True)
+    del reversed_h
+    # Solved in place into a row-major identity: without `out` the result is column-major,
+    # and GPTQ, which reads U by rows, took 1.25x as long (a 1024 x 4096 weight).
+    lower_inv = torch.eye(k, dtype=lower.dtype, device=lower.device)
+    torch.linalg.solve_triangular(lower, lower_inv, upper=False, out=lower_inv)
+    del lower
+    return lower_inv.flip(0, 1)
 
 
 def quantize_gptq(
@@ -79,6 +90,7 @@ def quantize_gptq(
     w = w[:, order]
     h = h[order][:, order]
     u = inverse_hessian_factor(h, damp)
+    del h  # K x K: 485 MB at K = 11008
 
     top = top_code(bits)
     codes = torch.zeros(n, k, device=w.device)
