@@ -217,7 +217,10 @@ def quantize_calibrated(checkpoint: Checkpoint, config: QuantConfig, plan: dict[
     from lutlm.loader import build_model, load_layer
 
     model = build_model(checkpoint, load_layers=False)
-    for loaded in (model.model.embed_tokens, model.model.norm, model.lm_head):  # not the layers: on "meta"
+    # Not the layers (on "meta"), and the head only if it is quantized: the first layer's
+    # inputs need the embedding alone.
+    used = (model.model.embed_tokens, model.model.norm) + ((model.lm_head,) if config.quantize_head else ())
+    for loaded in used:
         loaded.to(device)
     model.inv_freq = model.inv_freq.to(device)
     n_sequences, seq_len = calibration.tokens.shape
