@@ -380,18 +380,16 @@ def test_code_offsets_learn_the_codes_a_target_needs():
     assert torch.equal(tuned.scales, packed.scales) and torch.equal(tuned.zeros, packed.zeros)
 
 
-def test_code_tuning_through_the_model_keeps_the_format(monkeypatch):
+def test_code_tuning_through_the_model_keeps_the_format():
     """quantize_checkpoint with tune_codes: codes move but stay in 0 .. 2^b - 1, the format and
     bits per weight are unchanged, the metadata says how it was tuned, and the KL to the
     source falls."""
-    from lutlm.quantize import tune
-
-    # The default rate moves offsets past a rounding boundary only over hundreds of steps.
-    monkeypatch.setitem(tune.LEARNING_RATES, "code_offset", 0.2)
     checkpoint = tiny_checkpoint()
     calibration = tiny_calibration(checkpoint, sequences=8)
     plain, _ = quantize_checkpoint(checkpoint, QuantConfig(method="rtn", bits=2, group_size=32), progress=False)
-    config = QuantConfig(method="rtn", bits=2, group_size=32, tune_steps=60, tune_sequences=4, tune_codes=True)
+    # The default rate moves offsets past a rounding boundary only over hundreds of steps.
+    config = QuantConfig(method="rtn", bits=2, group_size=32, tune_steps=60, tune_sequences=4, tune_codes=True,
+                         tune_code_lr=0.2)
     tuned, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
     moved = 0
     for name, w in tuned.packed.items():
@@ -401,6 +399,7 @@ def test_code_tuning_through_the_model_keeps_the_format(monkeypatch):
         moved += int((codes != plain.packed[name].codes()).sum())
     assert moved > 0
     assert tuned.quantization["tune_codes"] and tuned.quantization["tune_sequences"] == 4
+    assert tuned.quantization["tune_code_lr"] == 0.2 and config.describe().endswith("tuned 60x4 codes lr 0.2")
     before, after = calibration_kl(checkpoint, plain, calibration), calibration_kl(checkpoint, tuned, calibration)
     assert after < 0.9 * before, (before, after)
 
@@ -408,16 +407,20 @@ def test_code_tuning_through_the_model_keeps_the_format(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quantizing_on_the_gpu_matches_the_cpu():
     """--device cuda runs the calibrated quantizer and the tuning there; the packed weights come
-    back in CPU memory and agree with the CPU's up to float rounding (a few codes at ties)."""
+    back in CPU memory, as good as the CPU's. Not bit for bit: GPTQ feeds each rounding's error
+    into the columns after it, so a tie rounded the other way by float differences moves later
+    roundings and the grids fitted to the updated weights (measured on an H200: 0.32% of the
+    codes differ, a few groups' scales by 5-12%; the KL to the source 0.97x the CPU's)."""
     checkpoint = tiny_checkpoint()
     calibration = tiny_calibration(checkpoint, sequences=8)
     config = QuantConfig(method="awq-gptq", bits=3, group_size=32, act_order=True, tune_steps=4)
     cpu, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False)
     gpu, _ = quantize_checkpoint(checkpoint, config, calibration, progress=False, device="cuda")
-    for name, w in cpu.packed.items():
-        assert gpu.packed[name].planes.device.type == "cpu"
-        assert (gpu.packed[name].codes() != w.codes()).float().mean() < 0.01
-        torch.testing.assert_close(gpu.packed[name].scales.float(), w.scales.float(), rtol=0.01, atol=0)
+    assert all(w.planes.device.type == "cpu" for w in gpu.packed.values())
+    differing = sum(int((gpu.packed[name].codes() != w.codes()).sum()) for name, w in cpu.packed.items())
+    assert differing < 0.01 * sum(w.codes().numel() for w in cpu.packed.values())
+    kl_cpu, kl_gpu = (calibration_kl(checkpoint, q, calibration) for q in (cpu, gpu))
+    assert kl_gpu < 1.1 * kl_cpu, (kl_cpu, kl_gpu)
 
 
 def test_quantizing_a_packed_checkpoint_is_refused():
@@ -442,6 +445,7 @@ def test_quantizing_a_packed_checkpoint_is_refused():
     (dict(method="hqq"), "unknown quantization method 'hqq'"),
     (dict(tune_steps=8, tune_sequences=0), "tune_sequences=0 must be at least 1 sequence per step"),
     (dict(tune_codes=True), "tune_codes (--tune-codes) needs tuning steps (--tune-steps N)"),
+    (dict(tune_steps=8, tune_codes=True, tune_code_lr=0.0), "tune_code_lr=0.0 must be a positive learning rate"),
 ])
 def test_impossible_configs_are_refused(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -460,6 +464,7 @@ def test_group_size_not_dividing_k_is_refused_with_the_layer():
     (["--group-size", "many"], "group size must be an integer or 'row'"),
     (["--tune-codes"], "tune_codes (--tune-codes) needs tuning steps (--tune-steps N)"),
     (["--tune-steps", "4", "--tune-sequences", "0"], "tune_sequences=0 must be at least 1 sequence per step"),
+    (["--tune-steps", "4", "--tune-codes", "--tune-code-lr", "-1"], "tune_code_lr=-1.0 must be a positive learning rate"),
     pytest.param(["--device", "cuda"], "--device cuda: PyTorch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])

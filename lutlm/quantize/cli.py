@@ -7,7 +7,7 @@ import time
 
 from lutlm.formats.packed_model import FLOAT_DTYPES
 from lutlm.quantize.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES
-from lutlm.quantize.config import METHODS, TERNARY_TAKES_NO_GROUP, QuantConfig
+from lutlm.quantize.config import DEFAULT_CODE_LR, METHODS, TERNARY_TAKES_NO_GROUP, QuantConfig
 
 
 def parse_group_size(text: str) -> int | None:
@@ -41,6 +41,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         tune_steps=args.tune_steps,
         tune_sequences=args.tune_sequences,
         tune_codes=args.tune_codes,
+        tune_code_lr=args.tune_code_lr,
     )
 
 
@@ -104,6 +105,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tune-codes", action="store_true",
                    help="tuning also moves the integer codes (straight-through rounding); pays off over hundreds "
                         "of steps, so on a GPU")
+    p.add_argument("--tune-code-lr", type=float, default=DEFAULT_CODE_LR,
+                   help=f"with --tune-codes: Adam's learning rate of the code offsets, in code units (default "
+                        f"{DEFAULT_CODE_LR:g}); a longer run moves codes further at the same rate")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the calibrated quantizers and the tuning run: cpu (default) or cuda; the result is "
                         "the same packed model up to float rounding")

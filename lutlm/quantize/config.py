@@ -21,6 +21,7 @@ METHODS = ("rtn", "awq", "gptq", "awq-gptq", "ternary")
 CALIBRATED_METHODS = ("awq", "gptq", "awq-gptq")  # those that need calibration activations
 SCALING_METHODS = ("awq", "awq-gptq")  # those that search and fold AWQ's input scales
 GPTQ_METHODS = ("gptq", "awq-gptq")  # those that round by GPTQ
+DEFAULT_CODE_LR = 1e-2  # grid tuning's learning rate of the code offsets (lutlm.quantize.tune)
 GROUP_MULTIPLE = 32  # group sizes the kernels handle: multiples of 32, or the whole row
 TERNARY_TAKES_NO_GROUP = (
     "ternary quantization takes no group size: its absmean scale is per tensor, "
@@ -42,6 +43,7 @@ class QuantConfig:
     tune_steps: int = 0  # steps of end-to-end grid tuning after quantizing (lutlm.quantize.tune); 0: none
     tune_sequences: int = 2  # calibration sequences per tuning step
     tune_codes: bool = False  # tuning also moves the integer codes (straight-through rounding)
+    tune_code_lr: float = DEFAULT_CODE_LR  # Adam's learning rate of the code offsets, in code units
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +78,8 @@ class QuantConfig:
             raise ValueError(f"tune_sequences={self.tune_sequences} must be at least 1 sequence per step")
         if self.tune_codes and not self.tune_steps:
             raise ValueError("tune_codes (--tune-codes) needs tuning steps (--tune-steps N)")
+        if not self.tune_code_lr > 0:
+            raise ValueError(f"tune_code_lr={self.tune_code_lr} must be a positive learning rate")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp} must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")
 
@@ -114,7 +118,10 @@ class QuantConfig:
         if self.ternary:
             return f"ternary {'per-tensor' if self.ternary_group is None else f'g{self.ternary_group}'}"
         group = "row" if self.group_size is None else f"g{self.group_size}"
-        tuned = f"tuned {self.tune_steps}x{self.tune_sequences}{' codes' if self.tune_codes else ''}"
+        codes = ""
+        if self.tune_codes:
+            codes = " codes" if self.tune_code_lr == DEFAULT_CODE_LR else f" codes lr {self.tune_code_lr:g}"
+        tuned = f"tuned {self.tune_steps}x{self.tune_sequences}{codes}"
         extras = [flag for flag, on in (("sym", self.symmetric), ("act-order", self.act_order),
                                         (tuned, self.tune_steps)) if on]
         return " ".join([self.method, f"{self.bits}-bit", group, *extras])
