@@ -25,6 +25,13 @@ def version() -> str:
     return llama_cpp.__version__
 
 
+def run_description(requested: bool) -> str:
+    """What a benchmark report says of the peer: its version where it ran, else why it did not."""
+    if not available():
+        return "not run (llama-cpp-python not installed)"
+    return f"llama-cpp-python {version()}" if requested else "not run (--no-peer)"
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """llama.cpp prints model loading logs from C; keep them off the terminal."""

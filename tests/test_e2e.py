@@ -139,3 +139,14 @@ def test_synthetic_gguf_is_quantized_and_timed_by_llama_cpp(bundled, tmp_path):
     assert variant.runner.decode_seconds(3) > 0
     with pytest.raises(ValueError, match="a prompt of 40 tokens exceeds"):
         variant.runner.prefill_seconds(prompt * 5)
+
+
+@pytest.mark.parametrize("installed,requested,said", [
+    (True, True, "llama-cpp-python 9.9"),
+    (True, False, "not run (--no-peer)"),
+    (False, True, "not run (llama-cpp-python not installed)"),
+])
+def test_reports_say_why_the_peer_did_not_run(monkeypatch, installed, requested, said):
+    monkeypatch.setattr(peer, "available", lambda: installed)
+    monkeypatch.setattr(peer, "version", lambda: "9.9")
+    assert peer.run_description(requested) == said

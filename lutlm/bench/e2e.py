@@ -435,7 +435,7 @@ def run_model(model: str, args, work: Path, use_peer: bool) -> dict:
         "model": info, "machine": machine(), "load_average": {"start": start_load, "end": load_average()},
         "method": f"threads {args.threads}; prompts {args.prompts}; decode {args.new_tokens} tokens after a "
                   f"{args.decode_prompt}-token prompt; {args.repeats} rounds after a warm-up, variants interleaved.",
-        "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
+        "peer": peer.run_description(not args.no_peer),
         "rows": rows, "targets": check_targets(model, rows), "profile": profile,
     }
     return result

@@ -138,7 +138,7 @@ def run(args) -> dict:
         "threads": args.threads,
         "head": f"{head_type} in the source, kept as is by both engines",
         "packed": list(folders),
-        "peer": "llama-cpp-python " + peer.version() if use_peer else "not run (llama-cpp-python not installed)",
+        "peer": peer.run_description(not args.no_peer),
         "rows": [],
     }
     out = Path(args.out_dir)
@@ -225,14 +225,15 @@ def check_targets(rows: list[Row]) -> list[dict]:
 def markdown(report: dict) -> str:
     rows = [Row(**r) for r in report["rows"]]
     source = next(r for r in rows if r.method == "source")
+    peer_rows = report["peer"] if report["peer"].startswith("not run") else f"run and scored by {report['peer']}"
     lines = [
         f"# Perplexity against bits per weight: {Path(report['model']).name}",
         "",
         f"Text {report['text']}, context {report['ctx']}, {report['tokens_scored']} tokens scored per row (the same "
         f"chunks for every row; chunks overlapping the calibration tokens {report['excluded_tokens'][0]}.."
         f"{report['excluded_tokens'][1]} skipped). Bits per weight: decoder-layer linears, scales and zeros "
-        f"included; output head: {report['head']}. lutlm rows run on the exact reference path; llama.cpp rows are "
-        f"run and scored by {report['peer']}. 95% interval from the standard error of the mean NLL "
+        f"included; output head: {report['head']}. lutlm rows run on the exact reference path; llama.cpp rows: "
+        f"{peer_rows}. 95% interval from the standard error of the mean NLL "
         f"(rows are scored on identical tokens, so their differences are far tighter than the intervals).",
         "",
         f"Command: `{report.get('command', 'not recorded')}`, {report['threads']} threads.",
