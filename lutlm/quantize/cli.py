@@ -42,6 +42,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         tune_sequences=args.tune_sequences,
         tune_codes=args.tune_codes,
         tune_code_lr=args.tune_code_lr,
+        tune_generated=args.tune_generated,
     )
 
 
@@ -108,6 +109,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tune-code-lr", type=float, default=DEFAULT_CODE_LR,
                    help=f"with --tune-codes: Adam's learning rate of the code offsets, in code units (default "
                         f"{DEFAULT_CODE_LR:g}); a longer run moves codes further at the same rate")
+    p.add_argument("--tune-generated", type=int, default=0,
+                   help="add this many sequences sampled from the source model (each continuing a few tokens of "
+                        "the calibration text) to the tuning data: the calibration sequences alone are "
+                        "memorized over long runs (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the calibrated quantizers and the tuning run: cpu (default) or cuda; the result is "
                         "the same packed model up to float rounding")

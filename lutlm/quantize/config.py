@@ -44,6 +44,7 @@ class QuantConfig:
     tune_sequences: int = 2  # calibration sequences per tuning step
     tune_codes: bool = False  # tuning also moves the integer codes (straight-through rounding)
     tune_code_lr: float = DEFAULT_CODE_LR  # Adam's learning rate of the code offsets, in code units
+    tune_generated: int = 0  # sequences sampled from the source model added to the tuning data
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +79,10 @@ class QuantConfig:
             raise ValueError(f"tune_sequences={self.tune_sequences} must be at least 1 sequence per step")
         if self.tune_codes and not self.tune_steps:
             raise ValueError("tune_codes (--tune-codes) needs tuning steps (--tune-steps N)")
+        if self.tune_generated < 0:
+            raise ValueError(f"tune_generated={self.tune_generated} must be 0 (calibration text only) or more")
+        if self.tune_generated and not self.tune_steps:
+            raise ValueError("tune_generated (--tune-generated) needs tuning steps (--tune-steps N)")
         if not self.tune_code_lr > 0:
             raise ValueError(f"tune_code_lr={self.tune_code_lr} must be a positive learning rate")
         if not 0 < self.damp < 1:
@@ -121,7 +126,8 @@ class QuantConfig:
         codes = ""
         if self.tune_codes:
             codes = " codes" if self.tune_code_lr == DEFAULT_CODE_LR else f" codes lr {self.tune_code_lr:g}"
-        tuned = f"tuned {self.tune_steps}x{self.tune_sequences}{codes}"
+        generated = f" gen {self.tune_generated}" if self.tune_generated else ""
+        tuned = f"tuned {self.tune_steps}x{self.tune_sequences}{codes}{generated}"
         extras = [flag for flag, on in (("sym", self.symmetric), ("act-order", self.act_order),
                                         (tuned, self.tune_steps)) if on]
         return " ".join([self.method, f"{self.bits}-bit", group, *extras])

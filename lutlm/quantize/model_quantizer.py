@@ -264,8 +264,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, calibration
         packed, float_tensors = quantize_weights_only(checkpoint, config, plan, progress), {}
     if config.tune_steps:
         packed, float_tensors = tune_grids(checkpoint, packed, float_tensors, calibration, config.tune_steps,
-                                           config.tune_sequences, config.tune_codes, config.tune_code_lr, device,
-                                           progress)
+                                           config.tune_sequences, config.tune_codes, config.tune_code_lr,
+                                           config.tune_generated, device, progress)
     result = QuantizationResult(packed, float_tensors, plan, time.perf_counter() - start)
     return packed_checkpoint(checkpoint, config, result, calibration), result
 
