@@ -236,7 +236,8 @@ def markdown(report: dict) -> str:
         f"{peer_rows}. 95% interval from the standard error of the mean NLL "
         f"(rows are scored on identical tokens, so their differences are far tighter than the intervals).",
         "",
-        f"Command: `{report.get('command', 'not recorded')}`, {report['threads']} threads.",
+        f"Command: `{report.get('command', 'not recorded')}`, {report['threads']} "
+        f"thread{'s' if report['threads'] != 1 else ''}.",
         "",
         *(["Rows named [folder] were quantized beforehand (`lutlm quantize -o folder`, given to --packed); "
            "their quantize seconds are those recorded in the folder.", ""] if report.get("packed") else []),
