@@ -446,6 +446,25 @@ def test_sampled_tuning_sequences_continue_calibration_prompts_with_the_source_d
     assert torch.equal(sequences, sample_from_source(source, calibration, 64, progress=False))
 
 
+def test_tuning_matmuls_run_in_tf32_on_cuda_only_and_the_setting_is_restored():
+    """tf32_matmuls switches float32 products to TF32 for a CUDA device alone, and puts the
+    previous setting back when its block ends, also when the block raises."""
+    from lutlm.quantize.tune import tf32_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with tf32_matmuls("cpu"):
+            assert torch.get_float32_matmul_precision() == "highest"
+        with pytest.raises(RuntimeError, match="inside"):
+            with tf32_matmuls("cuda"):
+                assert torch.get_float32_matmul_precision() == "high"
+                raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_tuning_on_sampled_sequences_is_recorded_and_helps():
     """tune_generated adds sequences sampled from the source to the tuning data: the folder's
     metadata and the row label say so, and the KL to the source falls on the calibration."""
