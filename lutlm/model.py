@@ -156,10 +156,13 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.cache_allocations = 0  # counts setup_cache's new caches: what a cache held is gone
 
-    def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                    fresh: bool = False) -> None:
         """Preallocate the KV cache; generation never allocates per token. `dtype`: the cache's
         (default the model's float type); generation keeps it in float16, as llama.cpp does,
-        which halves what a decode step reads at long contexts."""
+        which halves what a decode step reads at long contexts. A cache that fits is kept unless
+        `fresh`: then new buffers of exactly this size replace it (a smaller cache frees memory;
+        training needs buffers that no earlier autograd graph holds)."""
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"context {max_seq_len} exceeds the model's {self.config.max_position_embeddings} positions"
@@ -167,7 +170,7 @@ class Transformer(nn.Module):
         dtype = dtype or self.model.norm.weight.dtype
         cache = self.model.layers[0].self_attn.k_cache
         fits = cache is not None and max_batch <= self.max_batch and max_seq_len <= self.max_seq_len
-        if fits and cache.dtype == dtype:
+        if fits and cache.dtype == dtype and not fresh:
             return
         c = self.config
         device = self.model.norm.weight.device

@@ -74,3 +74,19 @@ def test_cache_overflow_is_refused():
     model.setup_cache(1, 8)
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         model(torch.zeros(1, 9, dtype=torch.long), 0)
+
+
+def test_a_cache_that_fits_is_kept_unless_a_fresh_one_is_asked_for():
+    """setup_cache keeps a cache at least as large as asked; with fresh=True it allocates new
+    buffers of exactly the size asked (smaller ones free memory) and counts the allocation."""
+    _, model = hf_pair(tiny_config())
+    model.setup_cache(4, 16)
+    cache, allocations = model.model.layers[0].self_attn.k_cache, model.cache_allocations
+    model.setup_cache(2, 8)
+    assert model.model.layers[0].self_attn.k_cache is cache and model.cache_allocations == allocations
+    model.setup_cache(2, 8, fresh=True)
+    fresh = model.model.layers[0].self_attn.k_cache
+    assert fresh is not cache and fresh.shape[0] == 2 and fresh.shape[2] == 8
+    assert (model.max_batch, model.max_seq_len, model.cache_allocations) == (2, 8, allocations + 1)
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        model(torch.zeros(3, 1, dtype=torch.long), 0)

@@ -44,9 +44,9 @@ step: about 10 s a step of 2 x 512 tokens for SmolLM2-135M on 2 CPU cores. On a 
 products run in TF32 (tf32_matmuls) and sampling decodes SAMPLING_BATCH_CUDA sequences at once.
 On an H200, in one run on SmolLM2's shapes with random weights: a step of 32 x 512 took 0.29 s
 in TF32 against 0.63 s in fp32, and sampling reached 15.8k tokens/s at 1,024 sequences in TF32
-against 6.9k at 256 in fp32 (a decode step there is bound by its launches). Memory: the model in fp32
-with its activations for backpropagation, so this is meant for models of a few hundred million
-parameters (a GPU takes larger ones).
+against 6.9k at 256 in fp32 (a decode step there is bound by its launches). Memory: the model in
+fp32 with its activations for backpropagation, so this is meant for models of a few hundred
+million parameters (a GPU takes larger ones).
 """
 
 from __future__ import annotations
@@ -218,8 +218,7 @@ def tune_grids(checkpoint: Checkpoint, packed: dict[str, PackedWeight], float_te
         if generated:
             tokens = torch.cat([tokens, sample_from_source(source, calibration, generated, device, progress=progress)])
         seq_len = tokens.shape[1]
-        source.max_batch = 0  # a cache of a step's width replaces sampling's far wider one
-        source.setup_cache(sequences_per_step, seq_len)
+        source.setup_cache(sequences_per_step, seq_len, fresh=True)  # frees sampling's far wider cache
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0)).to(device)
         in_step = torch.arange(sequences_per_step, device=device)
         bar = tqdm(range(steps), desc="tuning grids (KL to the source)", unit="step", disable=not progress)
@@ -229,8 +228,7 @@ def tune_grids(checkpoint: Checkpoint, packed: dict[str, PackedWeight], float_te
                 source_logits = source(batch, 0)
             # A fresh KV cache each step: the model writes its keys and values there, and the old
             # buffers would keep the previous step's autograd graph.
-            model.max_batch = 0
-            model.setup_cache(sequences_per_step, seq_len)
+            model.setup_cache(sequences_per_step, seq_len, fresh=True)
             loss = kl_to_source(source_logits, model(batch, 0))
             optimizer.zero_grad()
             loss.backward()
