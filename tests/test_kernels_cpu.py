@@ -345,6 +345,23 @@ def test_threads_and_batches(bits):
                 check(y, single[batch], rounding_bound(x[:batch], w))
 
 
+def test_pool_many_small_products_with_more_threads_than_cores():
+    # Thousands of back-to-back jobs, each small enough that the caller often takes every
+    # task before a worker wakes (the worker must then skip the job, not run a later one's
+    # tasks with this one's arguments), on more threads than cores so that workers are
+    # descheduled mid-job. The K split's partial sums are added in a fixed order, whichever
+    # thread made them, so every result is bitwise the first.
+    cpu.set_parallel_threshold(0)
+    h = cpu.prepare(make_weight(48, 2304, 64, 2))
+    x = activations(2, 2304)
+    for threads in (2, 3, 5):
+        cpu.set_num_threads(threads)
+        first = [cpu.matmul(x[i : i + 1], h) for i in range(2)]
+        for call in range(1500):
+            i = call % 2
+            assert torch.equal(cpu.matmul(x[i : i + 1], h), first[i]), (threads, call)
+
+
 @pytest.mark.parametrize("bits", [2, 4, "ternary"])
 def test_one_token_over_k_slices(bits):
     # K = 7680: a token's tables outgrow the GEMV's L1 budget (4-bit: 30 KiB, ternary: 40,

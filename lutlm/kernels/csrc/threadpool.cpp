@@ -4,7 +4,8 @@
  * one in the same process would keep a second set of spinning threads. Workers spin for a
  * short while after each job (a model runs hundreds of matmuls back to back, and waking a
  * sleeping thread costs several microseconds), then sleep, so that between calls they do
- * not take the cores from PyTorch's own threads.
+ * not take the cores from PyTorch's own threads. The caller takes tasks too, and a job
+ * waits only for the workers that joined it before the caller took its last task (run).
  */
 #include <atomic>
 #include <chrono>
@@ -46,8 +47,11 @@ public:
         for (int i = 1; i < n_threads; i++) workers_.emplace_back([this, start] { work(start); });
     }
 
-    /* Every worker takes part in every job and checks out at its end, so that the job's
-     * fields are never rewritten while a late worker still reads them. */
+    /* A job is open to workers until the caller has taken its last task: a worker joins it
+     * only while it is open, and the caller then waits for the workers that joined, not for
+     * all of them. On a shared machine a worker is often descheduled for a while; waiting
+     * for it to check out of a job whose tasks the caller already ran stalled every product
+     * for as long (2-thread decode under outside load). */
     void run(int n_tasks, TaskFn fn, void *arg) {
         if (workers_.empty() || n_tasks <= 1) {
             for (int i = 0; i < n_tasks; i++) fn(i, arg);
@@ -58,19 +62,39 @@ public:
         arg_ = arg;
         n_tasks_ = n_tasks;
         next_task_.store(0);
-        checked_out_.store(0);
+        done_.store(0);
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            generation_.fetch_add(1, std::memory_order_release);
+            const uint64_t job = generation_.load() + 1;
+            gate_.store(job_tag(job), std::memory_order_release); /* open, none joined */
+            generation_.store(job, std::memory_order_release);
         }
         wake_.notify_all();
         take_tasks();
-        while (checked_out_.load(std::memory_order_acquire) != (int)workers_.size()) _mm_pause();
+        const uint64_t joined = gate_.fetch_or(kClosed, std::memory_order_acq_rel) & kJoinedMask;
+        while (done_.load(std::memory_order_acquire) != joined) _mm_pause();
     }
 
 private:
     void take_tasks() {
         for (int i; (i = next_task_.fetch_add(1)) < n_tasks_;) fn_(i, arg_);
+    }
+
+    /* The gate: the job's generation in the high 32 bits, kClosed, and the count of
+     * workers that joined in the low bits. */
+    static constexpr uint64_t kClosed = 1ull << 31, kJoinedMask = kClosed - 1;
+    static uint64_t job_tag(uint64_t generation) { return generation << 32; }
+
+    /* Joins job `generation` if it is still open; the job's fields are read only then. */
+    void join(uint64_t generation) {
+        uint64_t gate = gate_.load(std::memory_order_acquire);
+        while ((gate & ~kJoinedMask) == job_tag(generation)) {
+            if (gate_.compare_exchange_weak(gate, gate + 1, std::memory_order_acq_rel)) {
+                take_tasks();
+                done_.fetch_add(1, std::memory_order_release);
+                return;
+            }
+        }
     }
 
     void work(uint64_t seen) {
@@ -85,8 +109,7 @@ private:
             }
             seen = generation_.load(std::memory_order_acquire);
             if (stop_) return;
-            take_tasks();
-            checked_out_.fetch_add(1, std::memory_order_release);
+            join(seen);
         }
     }
 
@@ -94,8 +117,9 @@ private:
     int n_threads_ = 1;
     std::mutex mutex_, run_mutex_;
     std::condition_variable wake_;
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int> next_task_{0}, checked_out_{0};
+    std::atomic<uint64_t> generation_{0}, gate_{kClosed};
+    std::atomic<int> next_task_{0};
+    std::atomic<uint64_t> done_{0};
     bool stop_ = false;
     TaskFn fn_ = nullptr;
     void *arg_ = nullptr;
