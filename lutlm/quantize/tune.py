@@ -35,9 +35,9 @@ continuing PROMPT_TOKENS tokens from a random place in the calibration text, as 
 et al., 2023) distills on the full-precision model's own generations: a pool many times the
 calibration text's size, in the distribution the source defines, at no cost in held-out text.
 Over all held-out chunks (not the 16 above; source 22.39), 3-bit: 3,200 x 16 on the calibration
-alone 26.37, 450 x 32 with 2,048 sampled sequences 25.97; 4-bit: 32 x 2 grids only 23.41,
-600 x 32 with codes and 4,096 sampled sequences 22.97 (H200, fp32 then; sampling 4,096 x 512
-tokens took 220 s there).
+alone 26.37, 450 x 32 with 2,048 sampled sequences 25.97 (fp32), 1,100 x 32 with 2,048 sampled
+25.36 (TF32; 475 s in all on an H200); 4-bit: 32 x 2 grids only 23.41, 600 x 32 with codes and
+4,096 sampled sequences 22.97 (H200, fp32; sampling 4,096 x 512 tokens took 220 s there).
 
 Cost: one forward pass of the source and a forward and backward pass of the quantized model per
 step: about 10 s a step of 2 x 512 tokens for SmolLM2-135M on 2 CPU cores. On a GPU the matrix
