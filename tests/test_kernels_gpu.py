@@ -214,6 +214,10 @@ def test_dispatcher_reads_the_table():
     assert gpu_tuning.choose(table, "4bit-g64", 4096, 4096, 1) == Plan.from_dict(entry["best"])  # same bits
     assert gpu_tuning.choose(table, "2bit-g128", 4096, 4096, 1) == Plan.from_dict(entry["best"])  # other bits
     assert gpu_tuning.choose([], "2bit-g128", 4096, 4096, 300) == gpu_tuning.default_plan(300)
+    small_plan = Plan("dequant", DequantConfig(block_n=8, block_m=1, block_k=512))
+    small = {"weights": "4bit-g64", "n": 576, "k": 576, "batch": 1, "best": small_plan.to_dict()}
+    assert gpu_tuning.choose(table + [small], "4bit-g64", 960, 576, 1) == small_plan  # same group, near shape
+    assert gpu_tuning.choose(table + [small], "4bit-g64", 4096, 4096, 1) == Plan.from_dict(entry["best"])  # shape wins
 
 
 def test_tuning_replaces_only_the_entries_it_measured(tmp_path, monkeypatch):

@@ -100,6 +100,11 @@ def prepare(w: PackedWeight, with_lut: bool | None = None) -> GpuHandle:
     return GpuHandle(dequant=dequant, lut=lut, kind=kind)
 
 
+def is_gemv(plan: Plan) -> bool:
+    """Whether the plan runs the dp4a GEMV (the kernel that takes gated activations and PDL)."""
+    return plan.kernel == "dequant" and gpu_dequant.is_gemv(plan.config)
+
+
 def run_plan(x: torch.Tensor, handle: GpuHandle, plan: Plan, gated: bool = False,
              overlap: bool = False) -> torch.Tensor:
     """x fp16 [M, K] -> y fp16 [M, N] with the given kernel and configuration (gated, overlap:
@@ -130,7 +135,7 @@ def matmul(x: torch.Tensor, handle: GpuHandle, gated: bool = False, overlap: boo
     if x2.shape[0] == 0:
         return x.new_empty(*lead, handle.out_features)
     plan = plan_for(handle, x2.shape[0])
-    gemv = plan.kernel == "dequant" and gpu_dequant.is_gemv(plan.config)
+    gemv = is_gemv(plan)
     if gated and not gemv:
         x2 = torch.nn.functional.silu(x2[:, :k]) * x2[:, k:]
     y = run_plan(x2, handle, plan, gated and gemv, overlap and gemv)

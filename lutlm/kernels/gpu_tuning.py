@@ -4,8 +4,8 @@ weight kind, shape and batch, measured on the device and stored as JSON in the p
 
 `lutlm bench kernels --device cuda --tune` fills it: for each case it times every candidate
 (``candidates``) with ``time_calls`` and keeps the fastest per kernel and overall
-(``tune_case``). ``choose`` reads it, falling back to the same bits at another group size, to
-the nearest tuned shape, and to a safe default when the table is empty.
+(``tune_case``). ``choose`` reads it: the nearest tuned shape of the same bits (another group
+size counting as a small distance), then any weights, and a safe default when the table is empty.
 
 Timing replays a CUDA graph of many launches and divides by their number, so that the gaps of
 the Python launcher stay out; the launches cycle through enough copies of the weights to
@@ -66,28 +66,36 @@ def load_table(path: Path = TABLE_PATH) -> list[dict]:
     return json.loads(path.read_text())["entries"]
 
 
+GROUP_MISMATCH = 0.5  # in choose's shape distance: another group size counts as a shape e^0.5 = 1.65x off
+
+
 def choose(entries: list[dict], kind: str, n: int, k: int, batch: int) -> Plan:
-    """The tuned plan for the smallest tuned batch >= `batch` (else the largest), at the exact
-    shape or the nearest tuned one, preferring entries of the same weight kind, then of the
-    same bits at another group size, then of any weights."""
+    """The tuned plan for the smallest tuned batch >= `batch` (else the largest), from the entry
+    of the same bits (else of any weights) nearest in shape: the distance is |log| of the ratio
+    of rows plus that of inputs, and GROUP_MISMATCH for another group size, since the best tile
+    depends on the shape far more than on the group (a small model's g64 entries should not
+    serve a 7B's g64 weights when a g128 entry of the 7B's shape exists)."""
     bits = kind.split("bit")[0]
-    rows = ([e for e in entries if e["weights"] == kind] or [e for e in entries if e["weights"].split("bit")[0] == bits]
-            or entries)
+    rows = [e for e in entries if e["weights"].split("bit")[0] == bits] or entries
     if not rows:
         return default_plan(batch)
     tuned_batches = sorted({e["batch"] for e in rows})
     bucket = next((b for b in tuned_batches if b >= batch), tuned_batches[-1])
     rows = [e for e in rows if e["batch"] == bucket]
-    best = min(rows, key=lambda e: abs(math.log(e["n"] / n)) + abs(math.log(e["k"] / k)))
-    return Plan.from_dict(best["best"])
+
+    def distance(e: dict) -> float:
+        return (abs(math.log(e["n"] / n)) + abs(math.log(e["k"] / k))
+                + (0.0 if e["weights"] == kind else GROUP_MISMATCH))
+
+    return Plan.from_dict(min(rows, key=distance)["best"])
 
 
 def candidates(batch: int) -> list[Plan]:
     """The configurations worth timing for a batch size (each costs a compile)."""
     gemv = [Plan("dequant", DequantConfig(block_n=bn, block_m=1, block_k=bk, split_k=sk, num_warps=w))
-            for bn, bk, sk, w in ((8, 4096, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 8), (16, 1024, 4, 4),
-                                  (8, 2048, 1, 4), (32, 1024, 1, 4), (32, 2048, 1, 8), (64, 512, 1, 4),
-                                  (64, 1024, 1, 8), (32, 1024, 4, 8))]
+            for bn, bk, sk, w in ((8, 4096, 1, 4), (16, 4096, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 8),
+                                  (16, 1024, 4, 4), (8, 2048, 1, 4), (32, 1024, 1, 4), (32, 2048, 1, 8),
+                                  (32, 4096, 1, 8), (64, 512, 1, 4), (64, 1024, 1, 8), (32, 1024, 4, 8))]
     lut = [Plan("lut", LutConfig(block_n=128, block_k=128, split_k=4))]
     # The tensor-core GEMM; the 256-token tiles dequantize each weight once per K step for the whole
     # batch (fastest on the 11008- to 28672-row shapes of an H200), and their split-K forms give the
@@ -173,15 +181,20 @@ def random_handles(n: int, k: int, bits: int, group: int, with_lut: bool, ternar
                       for _ in range(copies - 1)]
 
 
-def time_plan(handles: list, x: torch.Tensor, plan: Plan) -> tuple[float, float, float]:
+def time_plan(handles: list, x: torch.Tensor, plan: Plan, overlap: bool = False) -> tuple[float, float, float]:
+    """Times of `plan` on x; overlap: launched with PDL, as the GPU decoder launches the dp4a GEMV
+    (each launch still waits for the previous one to finish before it reads x)."""
     from lutlm.kernels import gpu
 
-    return time_calls([lambda h=h: gpu.run_plan(x, h, plan) for h in handles])
+    return time_calls([lambda h=h: gpu.run_plan(x, h, plan, overlap=overlap) for h in handles])
 
 
 def tune_case(handles: list, x: torch.Tensor) -> dict:
-    """Time every candidate for this batch; the table entry with the fastest per kernel and overall."""
+    """Time every candidate for this batch; the table entry with the fastest per kernel and overall.
+    The dp4a GEMV is timed launched with PDL, the way the GPU decoder, its main user, runs it."""
     from triton.runtime.errors import OutOfResources
+
+    from lutlm.kernels import gpu
 
     h = handles[0]
     best: dict[str, tuple[tuple[float, float, float], Plan]] = {}
@@ -189,7 +202,7 @@ def tune_case(handles: list, x: torch.Tensor) -> dict:
         if plan.kernel == "lut" and h.lut is None:
             continue
         try:
-            timing = time_plan(handles, x, plan)
+            timing = time_plan(handles, x, plan, overlap=gpu.is_gemv(plan))
         except OutOfResources:  # a tile too large for this kind's shared memory
             continue
         if plan.kernel not in best or timing[0] < best[plan.kernel][0][0]:
