@@ -28,7 +28,8 @@ test: $(STAMP)
 # GGML_NATIVE would also enable AMX where the CPU has it, which crashes where the OS does not
 # grant AMX tiles; so the instruction sets are named, AVX-512 only where /proc/cpuinfo shows it.
 HAS_AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
-HAS_VBMI := $(shell grep -qw avx512_vbmi /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+# Linux spells the flags avx512vbmi and avx512_vnni.
+HAS_VBMI := $(shell grep -qw avx512vbmi /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 HAS_VNNI := $(shell grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 PEER_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX512=$(HAS_AVX512) -DGGML_AVX512_VBMI=$(HAS_VBMI) -DGGML_AVX512_VNNI=$(HAS_VNNI) \

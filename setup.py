@@ -18,10 +18,14 @@ SOURCES = [
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
     "dequant.cpp",
+    "dequant_scalar.cpp",
     "dequant_avx2.cpp",
     "dequant_avx512.cpp",
     "dot_gemm_avx512.cpp",
+    "dot_pack.cpp",
     "membw.cpp",
+    "ggml_decode.cpp",
+    "layout.cpp",
 ]
 
 x86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -24,12 +24,6 @@ def set_threads(n: int | None) -> None:
         cpu.set_num_threads(n)
 
 
-def cpu_kernels_built() -> bool:
-    from lutlm.kernels import cpu
-
-    return cpu.available()
-
-
 def load(args):
     """The model, tokenizer and checkpoint a command runs on, with the threads set. The checkpoint
     comes back without its packed weights: the model holds them in its kernels' layout."""
@@ -38,20 +32,38 @@ def load(args):
 
     set_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
-    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if args.pack_gguf:
-        left = Counter(kind for name, kind in checkpoint.tensor_types.items()
-                       if name.startswith("model.layers.") and name.endswith("proj.weight")
-                       and name.removesuffix(".weight") not in checkpoint.packed)
-        if left:
-            print(f"--pack-gguf: {sum(left.values())} decoder linears of other types "
-                  f"({', '.join(f'{t} x{n}' for t, n in left.most_common())}) run in float, off the "
-                  f"table-lookup kernels; `lutlm quantize -m {checkpoint.source} -o DIR` packs every linear",
-                  file=sys.stderr)
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
+    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: {linear_summary(model, checkpoint)}",
+          file=sys.stderr)
     checkpoint = dataclasses.replace(checkpoint, packed={})
     return_freed_memory()
     return model, tokenizer, checkpoint
+
+
+def linear_summary(model, checkpoint) -> str:
+    """How the linears compute, by source type, e.g. "210 x Q4_1 -> lut 4-bit g32, 1 x Q8_0 ->
+    dot 8-bit g32; 0 float linears"; float linears say what they cost."""
+    from lutlm.linear import PackedLinear
+
+    kinds, floats, float_bytes = Counter(), Counter(), 0
+    types = checkpoint.tensor_types
+    for name, module in model.named_modules():
+        if not hasattr(module, "in_features"):
+            continue
+        source = types.get(f"{name}.weight") or (types.get("model.embed_tokens.weight") if name == "lm_head" else None)
+        if isinstance(module, PackedLinear):
+            kind = "ternary" if module.ternary else f"{module.bits}-bit"
+            kinds[f"{source or 'packed'} -> {module.kernel} {kind} g{module.group_size}"] += 1
+        else:
+            floats[source or "float"] += 1
+            float_bytes += module.weight.numel() * module.weight.element_size()
+    parts = [f"{n} x {k}" for k, n in kinds.most_common()]
+    if floats:
+        parts.append(f"{sum(floats.values())} float linears ({', '.join(f'{t} x{n}' for t, n in floats.most_common())}, "
+                     f"{float_bytes / 2**20:.0f} MiB)")
+    else:
+        parts.append("0 float linears")
+    return ", ".join(parts)
 
 
 def describe(checkpoint, model) -> str:
@@ -78,16 +90,8 @@ def describe(checkpoint, model) -> str:
         lines.append(f"file size:    {stored_bits / 8 / 2**20:.1f} MiB, {stored_bits / n_params:.2f} bits per weight")
     if checkpoint.quantization:
         lines.append(f"quantization: {checkpoint.quantization}")
+    lines.append(f"linears:      {linear_summary(model, checkpoint)}")
     return "\n".join(lines)
-
-
-def linear_kinds(model) -> str:
-    """How the model's linear layers compute, e.g. "210 x PackedLinear(cpu), 1 x Linear"."""
-    kinds = Counter(
-        f"{type(m).__name__}({m.backend_name})" if hasattr(m, "backend_name") else type(m).__name__
-        for m in model.modules() if hasattr(m, "in_features")
-    )
-    return ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
 
 
 def checkpoint_storage_bits(checkpoint) -> int:
@@ -171,7 +175,7 @@ def cmd_demo(args) -> None:
 
     model, tokenizer, checkpoint = load(args)
     print(describe(checkpoint, model))
-    print(f"\nthreads: {torch.get_num_threads()}, linear layers: {linear_kinds(model)}")
+    print(f"threads:      {torch.get_num_threads()}")
     print(f"\nuser: {DEMO_PROMPT}\nassistant: ", end="", flush=True)
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}]))
     generator = Generator(model, tokenizer, args.ctx)
@@ -216,10 +220,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                          "(default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
-                   help="kernel for packed weights (default: the fastest available)")
-    p.add_argument("--pack-gguf", action=argparse.BooleanOptionalAction, default=False,
-                   help="run a GGUF's Q4_0/Q4_1/Q4_K linears as packed weights made from their own blocks "
-                        "(no requantization), on the table-lookup kernels")
+                   help="kernels for low-bit weights (default: the fastest available). A GGUF's linears run "
+                        "on them from their own blocks; 'reference' keeps them float (plain PyTorch), for checks")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
@@ -278,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-n", "--n-predict", type=int, default=64)
     p.add_argument("--ctx", type=int, default=512)
-    # The demo shows the table-lookup path: the bundled Q4_1 weights run on the kernels as they are.
-    p.set_defaults(func=cmd_demo, pack_gguf=cpu_kernels_built())
+    p.set_defaults(func=cmd_demo)
 
     from lutlm.perplexity import DEFAULT_TEXT
 

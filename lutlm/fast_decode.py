@@ -18,10 +18,12 @@ from __future__ import annotations
 import ctypes
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
 from lutlm import decode_ops
+from lutlm.embedding import BlockEmbedding
 from lutlm.kernels import cpu
 from lutlm.linear import PackedLinear
 from lutlm.model import Transformer, rope_tables
@@ -40,7 +42,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"a {type(model).__name__} is not a lutlm Transformer"
     if not decode_ops.available() or not cpu.available():
         return "the C decode helpers or the CPU kernels are not built"
-    floats = [model.model.embed_tokens.weight, model.model.norm.weight, model.inv_freq]
+    embed = model.model.embed_tokens
+    floats = [model.model.norm.weight, model.inv_freq] + ([] if isinstance(embed, BlockEmbedding) else [embed.weight])
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in floats):
         return "the model's float tensors are not float32 on the CPU"
     for i, layer in enumerate(model.model.layers):
@@ -88,7 +91,9 @@ class FastDecoder:
         self.ptr = {name: _ptr(t) for name, t in self.buf.items()}
         self._ops = decode_ops.library()
         self._matmul = cpu.library().lutlm_lut_matmul
-        self._embed = model.model.embed_tokens.weight.detach().contiguous()
+        embed = model.model.embed_tokens
+        self._block_embed = embed if isinstance(embed, BlockEmbedding) else None
+        self._embed = None if self._block_embed else embed.weight.detach().contiguous()
         self._first_norm = self._rmsnorm_call(model.model.layers[0].input_layernorm)
         self._head = self._linear_call(model.lm_head, "h", "logits")
         self._cache_owner: torch.Tensor | None = None  # the k_cache the calls are bound to
@@ -160,8 +165,11 @@ class FastDecoder:
             raise ValueError(f"position {pos} does not fit the KV cache of {self.max_seq} positions")
         if not 0 <= token < self.vocab:
             raise ValueError(f"token {token} is outside the vocabulary of {self.vocab}")
-        row = self.hidden * 4
-        ctypes.memmove(self.ptr["x"], self._embed.data_ptr() + token * row, row)
+        if self._block_embed is not None:
+            self.buf["x"].copy_(self._block_embed.lookup(np.array([token]))[0])
+        else:
+            row = self.hidden * 4
+            ctypes.memmove(self.ptr["x"], self._embed.data_ptr() + token * row, row)
         self._first_norm()
         cos, sin = _ptr(self._cos, pos * self.head_dim), _ptr(self._sin, pos * self.head_dim)
         p, attend, scores = self.ptr, self._attend, _ptr(self._scores)

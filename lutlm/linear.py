@@ -19,14 +19,29 @@ class PackedLinear(nn.Module):
     format's description, not the PackedWeight: a caller that drops its packed weights (as the
     command line does once the model is built) holds the weights once, in the kernel's layout."""
 
-    def __init__(self, weight: PackedWeight, backend: str | None = None):
+    def __init__(self, weight: PackedWeight | None, backend: str | None = None, *, handle=None,
+                 bits: int | None = None, group_size: int | None = None, ternary: bool = False):
+        """From a PackedWeight, which `backend` prepares, or from a `handle` the backend already
+        prepared (a GGUF's blocks laid out for the kernels directly) with its bits and group size."""
         super().__init__()
-        self.bits, self.group_size, self.ternary = weight.bits, weight.group_size, weight.ternary
         self.backend_name = backend or default_backend("cpu")
         self._backend = get_backend(self.backend_name)
-        self._handle = self._backend.prepare(weight)
-        self.in_features = weight.in_features
-        self.out_features = weight.out_features
+        if weight is not None:
+            bits, group_size, ternary = weight.bits, weight.group_size, weight.ternary
+            self._handle = self._backend.prepare(weight)
+            self.in_features, self.out_features = weight.in_features, weight.out_features
+        elif handle is None or bits is None or group_size is None:
+            raise ValueError("a PackedLinear needs a packed weight, or a prepared handle with its bits and group size")
+        else:
+            self._handle = handle
+            self.in_features, self.out_features = handle.in_features, handle.out_features
+        self.bits, self.group_size, self.ternary = bits, group_size, ternary
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel family computes the product: "lut" (table lookup), "dot" (int8 dot
+        products of unpacked codes), or the backend's name where it has one family."""
+        return getattr(self._handle, "kernel", self.backend_name)
 
     @property
     def handle(self):
@@ -47,11 +62,12 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "ternary" if self.ternary else f"{self.bits}-bit"
         return (f"in={self.in_features}, out={self.out_features}, {kind}, group={self.group_size}, "
-                f"backend={self.backend_name}")
+                f"backend={self.backend_name}, kernel={self.kernel}")
 
 
-def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], backend: str | None = None) -> None:
-    """Swap each nn.Linear named in `packed` (module name, no '.weight') for a PackedLinear."""
+def replace_linears(model: nn.Module, packed: dict[str, PackedWeight | PackedLinear], backend: str | None = None) -> None:
+    """Swap each nn.Linear named in `packed` (module name, no '.weight') for a PackedLinear
+    (made from a PackedWeight on `backend`, or one already made)."""
     for name, weight in packed.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -63,4 +79,4 @@ def replace_linears(model: nn.Module, packed: dict[str, PackedWeight], backend: 
                 f"{name}: packed weight is {weight.out_features}x{weight.in_features}, "
                 f"the model expects {old.out_features}x{old.in_features}"
             )
-        setattr(parent, child, PackedLinear(weight, backend))
+        setattr(parent, child, weight if isinstance(weight, PackedLinear) else PackedLinear(weight, backend))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from lutlm.formats import Checkpoint, load_checkpoint
+from lutlm.gguf_linears import gguf_embedding, gguf_linears
+from lutlm.kernels import default_backend
 from lutlm.linear import replace_linears
 from lutlm.model import Transformer, rope_inverse_frequencies
 from lutlm.tokenizer import Tokenizer
@@ -20,33 +26,63 @@ def default_model_path() -> str:
 LAYER_PREFIX = "model.layers."
 
 
-def build_model(checkpoint: Checkpoint, backend: str | None = None, load_layers: bool = True) -> Transformer:
-    """A Transformer holding the checkpoint's weights; packed linears go to `backend`.
+@contextlib.contextmanager
+def skeleton_device(device: str):
+    """Build modules whose weights are all assigned afterwards, without initializing them.
+    On the CPU their tensors are allocated and never touched (the pages are not resident, and
+    go when the loaded weights replace them): that skips the meta device, whose first use
+    imports PyTorch's meta registrations (1.4 s of a 2 s load of the bundled model)."""
+    resets = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in resets:
+        cls.reset_parameters = lambda self: None
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        for cls, reset in resets.items():
+            cls.reset_parameters = reset
+
+
+def build_model(checkpoint: Checkpoint, backend: str | None = None, load_layers: bool = True,
+                modules: dict[str, nn.Module] | None = None) -> Transformer:
+    """A Transformer holding the checkpoint's weights; packed linears go to `backend`, and
+    `modules` (module name -> a module already made: a linear laid out from a GGUF's blocks, a
+    block embedding) take the place of theirs, whose float weights are then never read.
     `load_layers=False` leaves the decoder layers on the meta device, holding nothing, for
     `load_layer` to fill one at a time (a 7B's layers are 27 GB of float32, one is 0.8 GB)."""
-    with torch.device("meta"):
-        model = Transformer(checkpoint.config)
-    skip = {"lm_head.weight"} if checkpoint.config.tie_word_embeddings else set()
+    modules = modules or {}
+    config = checkpoint.config
+    tied_float_head = config.tie_word_embeddings and "lm_head" not in modules
+    if tied_float_head and "model.embed_tokens" in modules:
+        raise ValueError("a tied output head needs the float embedding, or a head of its own on the kernels")
+    with skeleton_device("cpu" if load_layers else "meta"):
+        model = Transformer(config)
 
     def loaded_now(name: str) -> bool:
         return load_layers or not name.startswith(LAYER_PREFIX)
 
+    skip = {f"{name}.weight" for name in (*checkpoint.packed, *modules)}
+    if config.tie_word_embeddings:
+        skip.add("lm_head.weight")
     names = [name for name in checkpoint.tensors if name not in skip and loaded_now(name)]
     float_tensors = {name: checkpoint.tensors[name]  # reads a lazily loaded file's tensors here
-                     for name in tqdm(names, desc="reading weights", unit="tensor", disable=None, leave=False)}
-    packed_names = {f"{name}.weight" for name in checkpoint.packed}
-    expected = {k for k in model.state_dict() if k not in packed_names and loaded_now(k)}
-    if checkpoint.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+                     for name in tqdm(names, desc="reading weights", unit="tensor", delay=1.0, leave=False)}
+    expected = {k for k in model.state_dict() if k not in skip and loaded_now(k)}
     missing = expected - float_tensors.keys()
     if missing:
         raise ValueError(f"{checkpoint.source}: missing tensors {sorted(missing)[:5]}")
     model.load_state_dict(float_tensors, strict=False, assign=True)
-    if checkpoint.config.tie_word_embeddings:
+    if tied_float_head:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inverse_frequencies(checkpoint.config)  # buffers built on "meta" hold no data
+    model.inv_freq = rope_inverse_frequencies(config)  # buffers built on "meta" hold no data
     if checkpoint.packed:
         replace_linears(model, checkpoint.packed, backend)
+    linears = {name: m for name, m in modules.items() if hasattr(m, "in_features")}
+    replace_linears(model, linears)
+    for name, module in modules.items():
+        if name not in linears:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
     if backend == "cuda" and torch.cuda.is_available():
         model = to_fp16(model, "cuda")
     return model.eval()
@@ -74,13 +110,23 @@ def to_fp16(model: Transformer, device: str | torch.device) -> Transformer:
     return model
 
 
-def load_model(path: str | None = None, backend: str | None = None,
-               pack_gguf: bool = False) -> tuple[Transformer, Tokenizer, Checkpoint]:
-    """`pack_gguf`: a GGUF's Q4_0/Q4_1/Q4_K linears go to the packed kernels from their own blocks."""
-    checkpoint = load_checkpoint(path or default_model_path())
-    if pack_gguf:
-        from lutlm.formats.gguf_packed import pack_gguf_linears
+def is_gguf(checkpoint: Checkpoint) -> bool:
+    return os.path.isfile(checkpoint.source) and bool(checkpoint.tensor_types)
 
-        checkpoint = pack_gguf_linears(checkpoint)
-    model = build_model(checkpoint, backend)
+
+def load_model(path: str | None = None, backend: str | None = None,
+               progress: bool | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    """The model at `path` (default: the bundled one). A GGUF's linears run on `backend`'s
+    kernels from their own blocks (lutlm.gguf_linears), the output head included, and on the
+    CPU its token embedding stays in its block type (lutlm.embedding); with backend
+    "reference" they stay float (dequantized, plain PyTorch: the path to check against)."""
+    checkpoint = load_checkpoint(path or default_model_path())
+    modules = {}
+    if is_gguf(checkpoint):
+        backend = backend or default_backend("cpu")
+        if backend != "reference":
+            modules = gguf_linears(checkpoint, backend, progress=progress)
+            if backend == "cpu" and "lm_head" in modules:
+                modules.update(gguf_embedding(checkpoint))
+    model = build_model(checkpoint, backend, modules=modules)
     return model, Tokenizer(checkpoint.tokenizer), checkpoint

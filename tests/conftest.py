@@ -24,10 +24,11 @@ def bundled_path() -> str:
 
 @pytest.fixture(scope="session")
 def bundled(bundled_path):
-    """(model, tokenizer, checkpoint) of the bundled SmolLM2-135M-Instruct, dense float32."""
+    """(model, tokenizer, checkpoint) of the bundled SmolLM2-135M-Instruct, dense float32 (the
+    reference path: its linears dequantized from the file's blocks)."""
     from lutlm.loader import load_model
 
-    return load_model(bundled_path)
+    return load_model(bundled_path, backend="reference")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from lutlm.formats.gguf import open_gguf
 F16_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
     "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "TQ1_0": [52], "TQ2_0": [64],
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -103,6 +104,27 @@ def test_real_weights_requantized_by_gguf(bundled_reader, name):
     np.testing.assert_array_equal(ours, reference(raw.view(np.uint8), name, weights.shape))
     # And the round trip lands near the original (loose: it only guards against garbage).
     assert np.abs(ours - weights).max() < 0.2 * np.abs(weights).max()
+
+
+@pytest.mark.parametrize("name", ["TQ1_0", "TQ2_0"])
+def test_ternary_blocks_round_trip_gguf_quantizer(name):
+    """Ternary weights (d * t, t in {-1, 0, 1}) through gguf-py's quantizer come back exactly."""
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.01, 0.1, size=(6, 1)).astype(np.float16).astype(np.float32)
+    weights = d * rng.integers(-1, 2, size=(6, 512)).astype(np.float32)
+    weights[:, 0] = d[:, 0]  # each block's largest magnitude is its d
+    weights[:, 256] = -d[:, 0]
+    raw = gguf_quantize(weights, GGMLQuantizationType[name])
+    np.testing.assert_array_equal(dequantize(raw, name, weights.shape).numpy(), weights)
+
+
+def test_every_tq1_0_byte_decodes_as_ggml_does():
+    """All 256 byte values in every qs/qh position (tq1_0 has no invalid byte)."""
+    blocks = np.zeros((256, 54), dtype=np.uint8)
+    blocks[:, :52] = np.arange(256, dtype=np.uint8)[:, None]
+    blocks[:, 52:54] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    raw = blocks.reshape(-1)
+    np.testing.assert_array_equal(dequantize(raw, "TQ1_0", (256, 256)).numpy(), reference(raw, "TQ1_0", (256, 256)))
 
 
 def test_unsupported_and_unknown_types_are_named():

@@ -104,14 +104,15 @@ def test_commands_load_models_without_the_packed_weights(bundled_path):
     from lutlm.cli import describe, load
     from lutlm.linear import PackedLinear
 
-    def loaded(pack_gguf: bool):
-        return load(argparse.Namespace(model=bundled_path, backend="reference", pack_gguf=pack_gguf, threads=None))
+    def loaded(backend: str):
+        return load(argparse.Namespace(model=bundled_path, backend=backend, threads=None))
 
-    model, _, checkpoint = loaded(pack_gguf=True)
+    model, _, checkpoint = loaded("cpu")
     assert checkpoint.packed == {}
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * checkpoint.config.num_hidden_layers
+    # Every decoder linear and the output head (the tied embedding's Q8_0 blocks).
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * checkpoint.config.num_hidden_layers + 1
     parameters = next(line for line in describe(checkpoint, model).splitlines() if line.startswith("parameters"))
-    float_model, _, float_checkpoint = loaded(pack_gguf=False)
+    float_model, _, float_checkpoint = loaded("reference")
     assert parameters in describe(float_checkpoint, float_model)
 
 

@@ -506,7 +506,7 @@ def test_quantizing_a_packed_checkpoint_is_refused():
 # ---- refusals of impossible requests ----
 
 @pytest.mark.parametrize("options,message", [
-    (dict(bits=5), "bits=5 is not supported: lutlm packs 1, 2, 3, 4 bits"),
+    (dict(bits=5), "bits=5 is not supported: lutlm quantizes to 1, 2, 3, 4 bits"),
     (dict(bits=0), "bits=0 is not supported"),
     (dict(method="ternary", group_size=64), "ternary quantization takes no group size"),
     (dict(method="ternary", bits=4), "ternary weights are stored in 2 bits"),

@@ -356,7 +356,9 @@ def smollm2():
 def test_bundled_model_answers_a_real_question(smollm2):
     model_id = smollm2.models.list().data[0].id
     assert model_id == "SmolLM2-135M-Instruct.Q4_1"
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    # The plain question is a near tie for this model between "The" and "L'": the float path
+    # answers "Paris", and llama.cpp on the same file, like lutlm's int8 kernels, starts "L'".
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     answer = smollm2.chat.completions.create(model=model_id, messages=question, max_tokens=16, temperature=0)
     assert "Paris" in answer.choices[0].message.content
     stream = smollm2.chat.completions.create(model=model_id, messages=question, max_tokens=16, temperature=0,

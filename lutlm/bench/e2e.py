@@ -28,7 +28,12 @@ Decode profile (where a step's time goes, lutlm only): the step through model.fo
 (PyTorch operations between the kernels), through FastDecoder, and the same step's
 matrix products alone; the share of time in mpGEMM is matmuls / step.
 
-Results: benchmarks/results/e2e_<model>.md and .png, and .json with --json.
+Results: benchmarks/results/e2e_<model>.md and .png (in benchmarks/results/<--machine>/ where
+given), and .json with --json.
+
+`--gguf FILE[,FILE...]` and `--synthetic-types TYPE[,...]` instead set the two engines on the
+identical GGUF file (the file's own block types for both, output head included), with weight
+bytes per token, bandwidth fraction, load time and peak memory: lutlm.bench.e2e_gguf.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from lutlm import peer
-from lutlm.bench import synthetic
+from lutlm.bench import e2e_gguf, synthetic
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.formats import Checkpoint, load_checkpoint
 from lutlm.formats.gguf import linear_storage
@@ -464,8 +469,10 @@ def parse_ints(option: str, text: str) -> list[int]:
 
 def add_parser(bench_subparsers) -> None:
     p = bench_subparsers.add_parser("e2e", help="end-to-end prefill/decode tokens/s, lutlm against llama.cpp")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the synthetic 7B/8B-shaped models")
+    p.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)} (default: all; with "
+                                                  "--synthetic-types llama2-7b)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the synthetic 7B/8B-shaped models (default 4; 8 with --synthetic-types)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--prompts", default="128,512", help="comma-separated prompt lengths for prefill")
     p.add_argument("--decode-prompt", type=int, default=128, help="prompt length before the timed decode steps")
@@ -479,22 +486,30 @@ def add_parser(bench_subparsers) -> None:
                    help="where quantized models and GGUF files are cached between runs")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--json", action="store_true", help="also write the results as JSON")
+    e2e_gguf.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> list[dict]:
-    models = args.models.split(",")
+    args.threads, args.prompts = parse_ints("--threads", args.threads), parse_ints("--prompts", args.prompts)
+    if getattr(args, "gguf", None) or getattr(args, "synthetic_types", None):
+        if args.layers is None:
+            args.layers = e2e_gguf.DEFAULT_LAYERS
+        return e2e_gguf.run(args)
+    models = (args.models or ",".join(MODELS)).split(",")
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r} for bench e2e; choose from {', '.join(MODELS)}")
-    args.threads, args.prompts = parse_ints("--threads", args.threads), parse_ints("--prompts", args.prompts)
+    if args.layers is None:
+        args.layers = 4
     use_peer = peer.available() and not args.no_peer
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for model in models:
         result = run_model(model, args, args.work_dir, use_peer)
         stem = "e2e_" + (model if model == "smollm2" else f"{model}-{args.layers}L")
-        paths = write_results(result, args.out_dir, stem, args.json)
+        out_dir = args.out_dir / args.machine if getattr(args, "machine", None) else args.out_dir
+        paths = write_results(result, out_dir, stem, args.json)
         print(markdown(result))
         print("wrote " + ", ".join(map(str, paths)))
         results.append(result)

@@ -225,7 +225,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         from lutlm.serve import create_app, serve_in_background
 
         set_threads(args.threads)
-        model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, pack_gguf=args.pack_gguf)
+        model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
         app = create_app(model, tokenizer, checkpoint, context_length=args.ctx,
                          max_queue=max(16, args.concurrency), max_tokens=max(1024, args.max_tokens))
         with serve_in_background(app) as base_url:

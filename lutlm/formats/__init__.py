@@ -80,6 +80,9 @@ class Checkpoint:
     packed: dict[str, PackedWeight] = field(default_factory=dict)
     # Free-form description of how the weights were quantized (packed folders only).
     quantization: dict | None = None
+    # The parsed GGUF file (a lutlm.formats.gguf_file.GGUFFile; GGUF loads only), so that packing
+    # its blocks (gguf_packed.py) reads the file already open instead of parsing it again.
+    gguf: object | None = field(default=None, repr=False, compare=False)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -83,7 +83,7 @@ def q4_codes(qs: np.ndarray) -> np.ndarray:
     return _nibbles(qs).reshape(len(qs), 32)
 
 
-def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+def q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     high = _bits(qh, 8).transpose(0, 2, 1).reshape(len(qh), 32)  # bit j of the uint32 = bit j%8 of byte j//8
     return q4_codes(qs) | (high << 4)
 
@@ -98,13 +98,18 @@ def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
-    q = _q5_codes(blocks[:, 2:6], blocks[:, 6:22]).astype(np.int8) - np.int8(16)
+    q = q5_codes(blocks[:, 2:6], blocks[:, 6:22]).astype(np.int8) - np.int8(16)
     return f16_field(blocks, 0) * q.astype(np.float32)
 
 
 def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
-    q = _q5_codes(blocks[:, 4:8], blocks[:, 8:24])
+    q = q5_codes(blocks[:, 4:8], blocks[:, 8:24])
     return f16_field(blocks, 0) * q.astype(np.float32) + f16_field(blocks, 2)
+
+
+def q8_0_codes(qs: np.ndarray) -> np.ndarray:
+    """int8 q as the unsigned code q + 128 (flipping the sign bit)."""
+    return qs ^ np.uint8(0x80)
 
 
 def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
@@ -181,26 +186,40 @@ def _per_sub_block(values: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.nd
     return values.reshape(len(values), values.shape[1], 1), q.reshape(len(q), values.shape[1], -1)
 
 
+def q2_k_codes(qs: np.ndarray) -> np.ndarray:
+    """q2_K's qs[64] (and tq2_0's) -> 2-bit codes [n, 256]."""
+    return _k_halves(qs, _crumbs)
+
+
 def dequantize_q2_k(blocks: np.ndarray) -> np.ndarray:
     scales = blocks[:, 0:16]
-    q = _k_halves(blocks[:, 16:80], _crumbs).astype(np.float32)
+    q = q2_k_codes(blocks[:, 16:80]).astype(np.float32)
     d, dmin = f16_field(blocks, 80), f16_field(blocks, 82)
     dl, q = _per_sub_block(d * (scales & 0x0F).astype(np.float32), q)
     ml = (dmin * (scales >> 4).astype(np.float32))[:, :, None]
     return (dl * q - ml).reshape(len(blocks), QK_K)
 
 
-def dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+def q3_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """q3_K's q + 4 (0 .. 7) [n, 256]: the low two bits from qs, the hmask bit as bit 2."""
     n = len(blocks)
     # hmask[l] bit 4h + s belongs to weight 128h + 32s + l: unpack 8 bit-rows of 32 bytes in order.
     high = _bits(blocks[:, 0:32], 8).reshape(n, QK_K)
-    low = _k_halves(blocks[:, 32:96], _crumbs)
-    q = low.astype(np.int8) - ((high ^ 1) << 2).astype(np.int8)
-    packed = blocks[:, 96:108]
+    return _k_halves(blocks[:, 32:96], _crumbs) | (high << 2)
+
+
+def q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """q3_K's 16 six-bit scales [n, 16] from scales[12], unsigned (the scale is this - 32)."""
     i = np.arange(16)
     scale_low = (packed[:, i % 8] >> (4 * (i // 8)).astype(np.uint8)) & 0x0F
     scale_high = (packed[:, 8 + i % 4] >> (2 * (i // 4)).astype(np.uint8)) & 3
-    scale = (scale_low | (scale_high << 4)).astype(np.int8) - np.int8(32)
+    return scale_low | (scale_high << 4)
+
+
+def dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    q = q3_k_codes(blocks).astype(np.int8) - np.int8(4)  # a clear hmask bit subtracts 4
+    scale = q3_k_scales(blocks[:, 96:108]).astype(np.int8) - np.int8(32)
     dl, q = _per_sub_block(f16_field(blocks, 108) * scale.astype(np.float32), q.astype(np.float32))
     return (dl * q).reshape(n, QK_K)
 
@@ -223,20 +242,73 @@ def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     return _dequantize_q45_k(blocks, q4_k_codes(blocks[:, 16:144]))
 
 
-def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+def q5_k_codes(blocks: np.ndarray) -> np.ndarray:
     high = _bits(blocks[:, 16:48], 8).reshape(len(blocks), QK_K)
-    return _dequantize_q45_k(blocks, q4_k_codes(blocks[:, 48:176]) | (high << 4))
+    return q4_k_codes(blocks[:, 48:176]) | (high << 4)
+
+
+def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    return _dequantize_q45_k(blocks, q5_k_codes(blocks))
+
+
+def q6_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """q6_K's unsigned 6-bit codes (0 .. 63, the weight's q is this - 32) [n, 256]."""
+    n = len(blocks)
+    # ql as (h, s % 2, l) unpacks to (h, s % 2, nibble, l); weights run over (h, nibble = s // 2, s % 2, l).
+    low = _nibbles(blocks[:, 0:128].reshape(n, 2, 2, 32)).transpose(0, 1, 3, 2, 4).reshape(n, QK_K)
+    return low | (_k_halves(blocks[:, 128:192], _crumbs) << 4)
 
 
 def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
-    # ql as (h, s % 2, l) unpacks to (h, s % 2, nibble, l); weights run over (h, nibble = s // 2, s % 2, l).
-    low = _nibbles(blocks[:, 0:128].reshape(n, 2, 2, 32)).transpose(0, 1, 3, 2, 4).reshape(n, QK_K)
-    high = _k_halves(blocks[:, 128:192], _crumbs)
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    q = q6_k_codes(blocks).astype(np.int8) - np.int8(32)
     scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
     dl, q = _per_sub_block(f16_field(blocks, 208) * scales, q.astype(np.float32))
     return (dl * q).reshape(n, QK_K)
+
+
+# --- Ternary types (BitNet b1.58 and TriLMs): 256-weight blocks, one scale ----------------
+#
+# block_tq1_0 (54 bytes, 256 weights):
+#     0   u8  qs[48]   five trits per byte, as the base-3 fraction byte = ceil(256 * v / 243) of the
+#                      number v = 81 t0 + 27 t1 + 9 t2 + 3 t3 + t4: trit j of byte b is
+#                      ((b * 3^j mod 256) * 3) >> 8. Weight 32j + l (j < 5, l < 32) is trit j of
+#                      qs[l]; weight 160 + 16j + l (j < 5, l < 16) is trit j of qs[32 + l]
+#     48  u8  qh[4]    four trits per byte, the same way: weight 240 + 4j + l (j < 4, l < 4) is
+#                      trit j of qh[l]
+#     52  f16 d
+#     w = d * (t - 1),     t in {0, 1, 2}     (every byte decodes to trits: no invalid value)
+#
+# block_tq2_0 (66 bytes, 256 weights):
+#     0   u8  qs[64]   2-bit t, laid out as q2_K's qs: weight 128*h + 32*s + l is bits 2s..2s+1
+#                      of qs[32*h + l]
+#     64  f16 d
+#     w = d * (t - 1),     t in {0, 1, 2} (a field of 3, which no quantizer writes, reads as +2)
+
+TRIT_POWERS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def _trits(qs: np.ndarray, count: int) -> np.ndarray:
+    """Bytes [n, m] -> trits [n, count, m]: trit j of each byte in row j."""
+    digits = qs[:, None, :] * TRIT_POWERS[:count, None]  # uint8: the product wraps mod 256, as in ggml
+    return ((digits.astype(np.uint16) * 3) >> 8).astype(np.uint8)
+
+
+def tq1_0_codes(blocks: np.ndarray) -> np.ndarray:
+    """tq1_0's t in {0, 1, 2} [n, 256]."""
+    n = len(blocks)
+    parts = (_trits(blocks[:, 0:32], 5), _trits(blocks[:, 32:48], 5), _trits(blocks[:, 48:52], 4))
+    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
+
+
+def dequantize_tq1_0(blocks: np.ndarray) -> np.ndarray:
+    q = tq1_0_codes(blocks).astype(np.int8) - np.int8(1)
+    return f16_field(blocks, 52) * q.astype(np.float32)
+
+
+def dequantize_tq2_0(blocks: np.ndarray) -> np.ndarray:
+    q = q2_k_codes(blocks[:, 0:64]).astype(np.int8) - np.int8(1)
+    return f16_field(blocks, 64) * q.astype(np.float32)
 
 
 # --- Unquantized types --------------------------------------------------------------------
@@ -271,6 +343,8 @@ BLOCK_TYPES: dict[str, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = {
     "Q4_K": (QK_K, 144, dequantize_q4_k),
     "Q5_K": (QK_K, 176, dequantize_q5_k),
     "Q6_K": (QK_K, 210, dequantize_q6_k),
+    "TQ1_0": (QK_K, 54, dequantize_tq1_0),
+    "TQ2_0": (QK_K, 66, dequantize_tq2_0),
 }
 
 

@@ -27,6 +27,9 @@ That is 2 bits per weight plus one fp16 scale per group.
 
 Kernels convert this canonical layout to their own access order once, at load time
 (see each backend's ``prepare``), so the file format does not change with the kernel.
+Codes take 1 to 8 bits and any group size dividing K (llama.cpp's Q6_K is 6 bits in groups
+of 16, its Q8_0 8 bits with q = int8 + 128 and zero 128): the table-lookup kernels run 1 to 4
+bits in groups that are multiples of 32, the CPU dot kernels also 5 to 8 bits and groups of 16.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 3, 4)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass

@@ -23,6 +23,14 @@ Table modes of `matmul`:
              "int8" (1.9x for the ternary table). On AVX-512 VNNI it gains nothing
              (vpdpbusd widens as cheaply as vpavgb averages); with AVX2, about 3% at 4096x11008
              (its int16 sums are widened once per q-block either way).
+
+Kernel families (`prepare(..., kernel=...)`):
+    "lut"    table lookup (above): 1 to 4 bits, groups that are multiples of 32 or whole rows.
+    "dot"    int8 dot products of the unpacked codes (csrc/dequant*.cpp, llama.cpp's method,
+             with its own DOT layout): 1 to 8 bits, also groups of 16, on AVX-512 VNNI, AVX2
+             and portable C. Modes "int8" and "fast" both round the activations to int8 per
+             q-block (the dequantize baseline's error bound); "float" is exact up to fp32
+             rounding. `prepare_codes` lays it out from one code per byte, in native code.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lutlm.formats.packed import PackedWeight
+from lutlm.formats.packed import PackedWeight, pack_planes
 from lutlm.native import load_library
-from lutlm.kernels.cpu_layout import kernel_shape, lut_codes, tile_scales
+from lutlm.kernels.cpu_layout import STEP, TILE_ROWS, dot_shape, kernel_shape, lut_codes, lut_shape, tile_scales
 
 MODES = {"int8": 0, "float": 1, "fast": 2}
 ISAS = ("scalar", "avx2", "avx512")
-_PLANES, _TERNARY = 0, 1
+KERNELS = ("lut", "dot")
+_PLANES, _TERNARY, _DOT = 0, 1, 2
 
 
 class _Weight(ctypes.Structure):
@@ -71,6 +80,11 @@ def _load() -> ctypes.CDLL | None:
     lib.lutlm_set_parallel_threshold.argtypes = [ctypes.c_double]
     lib.lutlm_set_dot_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.lutlm_dot_gemm_applies.argtypes = [weight_p, ctypes.c_int64]
+    i64_p, i32_p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32)
+    lib.lutlm_dot_shape.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, i64_p, i32_p,
+                                    i32_p, i64_p, i64_p]
+    lib.lutlm_pack_dot.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     lib.lutlm_set_num_threads(torch.get_num_threads())
     return lib
 
@@ -146,6 +160,7 @@ class LutWeight:
     bits: int
     q_block: int
     ternary_tables: bool
+    kernel: str = "lut"  # the family: "lut" (table lookup) or "dot" (int8 dot products)
 
     @property
     def nbytes(self) -> int:
@@ -161,16 +176,118 @@ def describe_weight(codes: torch.Tensor, scales: torch.Tensor, w: PackedWeight, 
     )
 
 
-def prepare(w: PackedWeight, ternary_tables: bool | None = None) -> LutWeight:
-    """Permute `w` into the kernel layout. Ternary weights use the direct ternary table
-    (3 weights per lookup, 1.67 bits per weight) where their group size allows it, unless
-    `ternary_tables` says otherwise; everything else uses bit-planes."""
+def supports(bits: int, group_size: int, in_features: int, kernel: str | None = None) -> bool:
+    """Whether the kernel family `kernel` ("lut", "dot"; None: either) runs `bits`-bit weights
+    with groups of `group_size` over `in_features` inputs."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown kernel family {kernel!r}; choose one of {', '.join(KERNELS)}")
+    for family in [kernel] if kernel else KERNELS:
+        try:
+            (lut_shape if family == "lut" else dot_shape)(bits, group_size, in_features)
+            return True
+        except ValueError:
+            pass
+    return False
+
+
+def prepare(w: PackedWeight, ternary_tables: bool | None = None, kernel: str | None = None) -> LutWeight:
+    """Lay `w` out for a kernel family: "lut" (table lookup), "dot" (int8 dot products), or
+    None: table lookup where it runs the weight (1 to 4 bits, groups that are multiples of 32
+    or whole rows), else the dot kernels (5 to 8 bits, groups of 16).
+
+    Table lookup: ternary weights use the direct ternary table (3 weights per lookup, 1.67
+    bits per weight) where their group size allows it, unless `ternary_tables` says
+    otherwise; everything else uses bit-planes."""
+    if kernel is None:
+        kernel = next((f for f in KERNELS if supports(w.bits, w.group_size, w.in_features, f)), None)
+        if kernel is None:
+            raise ValueError(f"group size {w.group_size} is not supported by the CPU kernels: the table-lookup kernels "
+                             f"take a multiple of 32 or one group per row (group size = in_features = "
+                             f"{w.in_features}), the dot kernels also 16")
+    elif kernel not in KERNELS:
+        raise ValueError(f"unknown kernel family {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel == "dot":
+        if ternary_tables:
+            raise ValueError("the ternary table layout is a table-lookup layout, not the dot kernels'")
+        return prepare_codes(w.codes(), w.scales, w.zeros, w.bits, w.group_size, kernel="dot", ternary=w.ternary)
     if ternary_tables is None:
         ternary_tables = w.ternary and (w.group_size == w.in_features or w.group_size % 96 == 0)
     shape = kernel_shape(w, ternary_tables)
     codes, scales = lut_codes(w, shape), tile_scales(w, shape)
     c = describe_weight(codes, scales, w, shape, _TERNARY if ternary_tables else _PLANES)
     return LutWeight(codes, scales, c, w.in_features, w.out_features, w.bits, shape.q_block, ternary_tables)
+
+
+def prepare_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                  kernel: str = "dot", ternary: bool = False) -> LutWeight:
+    """Lay out a weight given as codes uint8 [N, K] (one code per byte, values < 2^bits) and
+    fp16 scales and zeros [N, K // group_size] (w = s (q - z)), with no bit-planes, in native
+    code on the kernels' threads (csrc/dot_pack.cpp): the same bytes as `prepare` of the
+    equivalent PackedWeight. `ternary` (codes t + 1, zeros 1) changes nothing for "dot".
+
+    kernel="lut" (table lookup) goes through csrc/layout.cpp's converter where the library has
+    it and the weight takes bit-planes, else through a PackedWeight and `prepare` (ternary
+    weights, for the ternary table)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"prepare_codes lays out the dot kernels' weights (kernel='dot') or the table-lookup "
+                         f"kernels' (kernel='lut'), not {kernel!r}")
+    if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.device.type != "cpu":
+        raise ValueError(f"codes must be a uint8 [N, K] CPU tensor, got {codes.dtype} {tuple(codes.shape)} "
+                         f"on {codes.device}")
+    n, k = codes.shape
+    shape = (dot_shape if kernel == "dot" else lut_shape)(bits, group_size, k)  # a ValueError naming the problem
+    groups = 1 if group_size == k else k // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (n, groups) or t.dtype != torch.float16 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float16 [{n}, {groups}] CPU tensor, got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+    if kernel == "lut":
+        return _prepare_codes_lut(codes, scales, zeros, bits, group_size, ternary)
+    lib = library()
+    k_padded, group, q_block = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_int32()
+    code_bytes, scale_values = ctypes.c_int64(), ctypes.c_int64()
+    if lib.lutlm_dot_shape(n, k, bits, group_size, ctypes.byref(k_padded), ctypes.byref(group), ctypes.byref(q_block),
+                           ctypes.byref(code_bytes), ctypes.byref(scale_values)):
+        raise ValueError(f"the dot kernels do not run {bits}-bit weights in groups of {group_size} over {k} inputs")
+    assert (k_padded.value, group.value, q_block.value) == (shape.k_padded, shape.group_size, shape.q_block)
+    codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
+    tiles = -(-n // TILE_ROWS)
+    out_codes = torch.empty(tiles, k_padded.value // STEP, bits, TILE_ROWS, 4, dtype=torch.uint8)
+    out_scales = torch.empty(tiles, k_padded.value // group.value, 2, TILE_ROWS, dtype=torch.float16)
+    assert out_codes.numel() == code_bytes.value and out_scales.numel() == scale_values.value
+    rc = lib.lutlm_pack_dot(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, bits, group_size,
+                            out_codes.data_ptr(), out_scales.data_ptr())
+    if rc == -2:
+        raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
+    if rc:
+        raise RuntimeError("lutlm_pack_dot rejected the call")
+    c = _Weight(out_codes.data_ptr(), out_scales.data_ptr(), n, k, shape.k_padded, bits, shape.group_size,
+                shape.q_block, _DOT)
+    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False, kernel="dot")
+
+
+def _prepare_codes_lut(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                       ternary: bool) -> LutWeight:
+    lib = library()
+    n, k = codes.shape
+    shape = lut_shape(bits, group_size, k, ternary)  # bit-planes
+    if ternary or not hasattr(lib, "lutlm_pack_lut"):
+        w = PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group_size, ternary)
+        return prepare(w, kernel="lut")
+    if int(codes.max()) >= 1 << bits:
+        raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
+    lib.lutlm_pack_lut.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int32, ctypes.c_int64] + \
+        [ctypes.c_void_p] * 2
+    codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
+    tiles, groups = -(-n // TILE_ROWS), shape.k_padded // shape.group_size
+    out_codes = torch.empty(tiles, shape.k_padded // STEP, bits, TILE_ROWS, 4, dtype=torch.uint8)
+    out_scales = torch.empty(tiles, groups, 2, TILE_ROWS, dtype=torch.float16)
+    if lib.lutlm_pack_lut(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, shape.k_padded, bits, groups,
+                          out_codes.data_ptr(), out_scales.data_ptr()):
+        raise RuntimeError("lutlm_pack_lut rejected the call")
+    c = _Weight(out_codes.data_ptr(), out_scales.data_ptr(), n, k, shape.k_padded, bits, shape.group_size,
+                shape.q_block, _PLANES)
+    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False)
 
 
 def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:

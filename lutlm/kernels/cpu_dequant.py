@@ -2,9 +2,11 @@
 
 llama.cpp's method, written as well as we could for AVX-512 VNNI (vpdpbusd) and for AVX2
 (vpmaddubsw + vpmaddwd): codes unpacked to bytes, activations quantized to int8 per block,
-integer dot products. It runs on the instruction set in use (cpu.get_isa(), which
-cpu.set_isa() lowers); there is no portable version. The benchmark sets it beside the
-table-lookup kernels at the same bits; it is not a model backend.
+integer dot products. These are the "dot" kernel family (cpu.prepare(w, kernel="dot"),
+which runs in models through cpu.matmul on every instruction set); this module times the
+same weights through the baseline's own entry point, which runs on the instruction set in
+use (cpu.get_isa(), which cpu.set_isa() lowers) and refuses the portable one, so that a
+benchmark row of the baseline is always SIMD code.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 
 from lutlm.formats.packed import PackedWeight
 from lutlm.kernels import cpu
-from lutlm.kernels.cpu_layout import dequant_codes, kernel_shape, tile_scales
 
 
 ISAS = ("avx2", "avx512")
@@ -41,10 +42,8 @@ class DequantWeight:
 
 
 def prepare(w: PackedWeight) -> DequantWeight:
-    shape = kernel_shape(w, ternary_tables=False)
-    codes, scales = dequant_codes(w, shape), tile_scales(w, shape)
-    c = cpu.describe_weight(codes, scales, w, shape, 0)
-    return DequantWeight(codes, scales, c, w.in_features, w.out_features)
+    h = cpu.prepare(w, kernel="dot")  # the dot kernels' layout (csrc/lutlm.h)
+    return DequantWeight(h.codes, h.scales, h.c, w.in_features, w.out_features)
 
 
 def matmul(x: torch.Tensor, handle: DequantWeight) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """Canonical packed weights -> the CPU kernels' layouts, done once at load time.
 
-The byte-level layouts are documented in csrc/lutlm.h (table lookup) and
-csrc/dequant.cpp (the dequantize-then-multiply baseline); this module only
-permutes bits into them with plain tensor indexing.
+The byte-level layouts are documented in csrc/lutlm.h (table lookup, and the dot-product
+kernels' DOT layout); this module permutes bits into them with plain tensor indexing. The
+dot layout is written in native code at load time (csrc/dot_pack.cpp, through
+cpu.prepare); `dot_codes` here is its plain statement, which the tests hold it to.
 
-Sizes the kernels accept: any group size that is a multiple of 32, or one group per row
-(any K, padded with zero activations to a multiple of 32, or of 96 for the ternary table).
-Each table-quantization block (`q_block`) is the largest of 128, 96, 64, 32 inputs dividing
-the group: the int8 tables of one block share one scale, and a block's integer sums are
-scaled once per block.
+Sizes the table-lookup kernels accept: 1 to 4 bits, any group size that is a multiple of
+32, or one group per row (any K, padded with zero activations to a multiple of 32, or of 96
+for the ternary table). Each table-quantization block (`q_block`) is the largest of 128, 96,
+64, 32 inputs dividing the group: the int8 tables of one block share one scale, and a
+block's integer sums are scaled once per block. The dot kernels take 1 to 8 bits and also
+groups of 16 (q_block 32, two groups per block; K padded to a multiple of 32).
 """
 
 from __future__ import annotations
@@ -33,17 +35,37 @@ class KernelShape:
     ternary_tables: bool  # the direct ternary layout (else bit-planes)
 
 
+LUT_MAX_BITS = 4
+DOT_MAX_BITS = 8
+DOT_SMALL_GROUP = 16  # the one group size below a K-step that the dot kernels take
+
+
 def kernel_shape(w: PackedWeight, ternary_tables: bool) -> KernelShape:
-    """Padding and blocking for `w`, or a ValueError naming what the kernels cannot do."""
-    k, g = w.in_features, w.group_size
+    """Padding and blocking of `w` for the table-lookup kernels, or a ValueError naming what
+    they cannot do."""
+    return lut_shape(w.bits, w.group_size, w.in_features, w.ternary, ternary_tables)
+
+
+def lut_shape(bits: int, group_size: int, in_features: int, ternary: bool = False,
+              ternary_tables: bool = False) -> KernelShape:
+    """kernel_shape from the weight's description alone."""
+    k, g = in_features, group_size
     whole_row = g == k
-    if not whole_row and g % STEP:
+    if not 1 <= bits <= LUT_MAX_BITS:
         raise ValueError(
-            f"group size {g} is not supported by the CPU kernels: use a multiple of {STEP} "
-            f"or one group per row (group size = in_features = {k})"
+            f"bits={bits} is not supported by the CPU table-lookup kernels (1 to {LUT_MAX_BITS} bits): "
+            f"the dot kernels (kernel='dot') run up to {DOT_MAX_BITS}"
+        )
+    if g <= 0 or k % g:
+        raise ValueError(f"group size {g} does not divide in_features={k}")
+    if not whole_row and g % STEP:
+        hint = " (the dot kernels, kernel='dot', run groups of 16)" if g == DOT_SMALL_GROUP else ""
+        raise ValueError(
+            f"group size {g} is not supported by the CPU kernels' table lookup: use a multiple of {STEP} "
+            f"or one group per row (group size = in_features = {k}){hint}"
         )
     if ternary_tables:
-        if not w.ternary:
+        if not ternary:
             raise ValueError("the ternary table layout needs a ternary weight (codes t + 1, zeros 1)")
         if whole_row:
             k_padded = -(-k // TERNARY_STEP) * TERNARY_STEP
@@ -116,34 +138,61 @@ def ternary_codes(w: PackedWeight, shape: KernelShape) -> torch.Tensor:
 
 
 def tile_scales(w: PackedWeight, shape: KernelShape) -> torch.Tensor:
-    """fp16 [tiles, groups, 2, 16]: each tile's 16 scales, then its 16 zeros, per group."""
+    """fp16 [tiles, groups, 2, 16]: each tile's 16 scales, then its 16 zeros, per group (of
+    k_padded: padded rows, and groups of 16 past K, hold 0)."""
     n = w.out_features
     n_pad = -(-n // TILE_ROWS) * TILE_ROWS
-    pad = (0, 0, 0, n_pad - n)
+    pad = (0, shape.k_padded // shape.group_size - w.scales.shape[1], 0, n_pad - n)
     s = torch.nn.functional.pad(w.scales, pad).view(n_pad // TILE_ROWS, TILE_ROWS, -1)
     z = torch.nn.functional.pad(w.zeros, pad).view(n_pad // TILE_ROWS, TILE_ROWS, -1)
     return torch.stack([s, z], dim=2).permute(0, 3, 2, 1).contiguous()
 
 
-def dequant_codes(w: PackedWeight, shape: KernelShape) -> torch.Tensor:
-    """Codes in the dequantize-then-multiply baseline's layout: uint8 [tiles, steps, bits, 16, 4]."""
-    bits = _bits(w, shape.k_padded)
-    b, n_pad, kp = bits.shape
+def dot_shape(bits: int, group_size: int, in_features: int) -> KernelShape:
+    """Padding and blocking for the dot kernels (csrc/dot_pack.cpp computes the same), or a
+    ValueError naming what they cannot do."""
+    k, g = in_features, group_size
+    if not 1 <= bits <= DOT_MAX_BITS:
+        raise ValueError(f"bits={bits} is not supported by the CPU dot kernels (1 to {DOT_MAX_BITS} bits)")
+    k_padded = -(-k // STEP) * STEP
+    if g == k:
+        return KernelShape(k_padded, k_padded, next(q for q in Q_BLOCKS if k_padded % q == 0), False)
+    if g <= 0 or k % g:
+        raise ValueError(f"group size {g} does not divide in_features={k}")
+    if g != DOT_SMALL_GROUP and g % STEP:
+        raise ValueError(
+            f"group size {g} is not supported by the CPU dot kernels: use {DOT_SMALL_GROUP}, a multiple of "
+            f"{STEP}, or one group per row (group size = in_features = {k})"
+        )
+    return KernelShape(k_padded, g, next(q for q in Q_BLOCKS if g % q == 0) if g % STEP == 0 else STEP, False)
+
+
+def _dot_section(v: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """The blocks [tiles, steps, 16, 4] of a section of `width` bits (v: fields < 2^width,
+    [tiles, 16, steps, 32]), in the arrangement of lutlm.h's DOT layout."""
+    tiles, rows, steps, _ = v.shape
+    if width == 3:  # a 2-bit section of the low bits, then a 1-bit one of the top bit
+        return _dot_section(v & 3, 2) + _dot_section(v >> 2, 1)
+    if width == 4:  # block j: low nibble input 8j + p, high nibble 8j + 4 + p
+        u = v.view(tiles, rows, steps, 4, 2, 4)
+        blocks = _nibbles(u[..., 0, :], u[..., 1, :])  # [tile, r, step, j, p]
+    elif width == 2:  # block j: bits 2m, 2m + 1 hold input 16j + 4m + p
+        u = v.view(tiles, rows, steps, 2, 4, 4)  # [..., j, m, p]
+        blocks = (u << (2 * torch.arange(4, dtype=torch.uint8)).view(4, 1)).sum(-2, dtype=torch.uint8)
+    else:  # one block: bit m holds input 4m + p
+        u = v.view(tiles, rows, steps, 1, 8, 4)
+        blocks = (u << torch.arange(8, dtype=torch.uint8).view(8, 1)).sum(-2, dtype=torch.uint8)
+    return list(blocks.permute(3, 0, 2, 1, 4))  # per block: [tile, step, r, p]
+
+
+def dot_codes(w: PackedWeight, shape: KernelShape) -> torch.Tensor:
+    """Codes in the dot kernels' layout (lutlm.h): uint8 [tiles, steps, bits, 16, 4]."""
+    n, k, b = w.out_features, w.in_features, w.bits
+    n_pad, kp = -(-n // TILE_ROWS) * TILE_ROWS, shape.k_padded
     tiles, steps = n_pad // TILE_ROWS, kp // STEP
-    q = torch.zeros(n_pad, kp, dtype=torch.uint8)
-    for i in range(b):
-        q |= bits[i] << i
-    q = q.view(tiles, TILE_ROWS, steps, STEP)  # [tile, r, step, input]
-    blocks = []
-    if b == 4:  # block j: low nibble input 8j + p, high nibble 8j + 4 + p
-        v = q.view(tiles, TILE_ROWS, steps, 4, 2, 4)
-        blocks.append(_nibbles(v[..., 0, :], v[..., 1, :]).permute(0, 2, 3, 1, 4))
-    if b in (2, 3):  # block j: bits 2m, 2m + 1 hold input 16j + 4m + p
-        v = (q & 3).view(tiles, TILE_ROWS, steps, 2, 4, 4)  # [..., j, m, p]
-        packed = (v << (2 * torch.arange(4, dtype=torch.uint8)).view(4, 1)).sum(-2, dtype=torch.uint8)
-        blocks.append(packed.permute(0, 2, 3, 1, 4))
-    if b in (1, 3):  # one block: bit m holds input 4m + p
-        v = ((q >> (b - 1)) & 1).view(tiles, TILE_ROWS, steps, 8, 4)  # [..., m, p]
-        packed = (v << torch.arange(8, dtype=torch.uint8).view(8, 1)).sum(-2, dtype=torch.uint8)
-        blocks.append(packed.permute(0, 2, 1, 3).unsqueeze(2))
-    return torch.cat(blocks, dim=2).contiguous()
+    q = torch.nn.functional.pad(w.codes(), (0, kp - k, 0, n_pad - n)).view(tiles, TILE_ROWS, steps, STEP)
+    if b == 8:  # whole bytes: block j holds inputs 4j + p
+        blocks = list(q.view(tiles, TILE_ROWS, steps, 8, 4).permute(3, 0, 2, 1, 4))
+    else:
+        blocks = _dot_section(q & 15, min(b, 4)) + (_dot_section(q >> 4, b - 4) if b > 4 else [])
+    return torch.stack(blocks, dim=2).contiguous()

@@ -83,8 +83,14 @@ def plan_for(handle: GpuHandle, batch: int) -> Plan:
 def prepare(w: PackedWeight, with_lut: bool | None = None) -> GpuHandle:
     """Move a packed weight to the GPU in the dequantizing kernel's layout and, when the tuning
     table routes some batch of this shape to it (or `with_lut`), the table-lookup kernel's too."""
+    # The packed format also holds 5..8 bits and groups of 16 (the CPU dot kernels run them);
+    # the GPU kernels' layouts do not, and would not fail on their own before computing.
+    if w.bits > 4:
+        raise ValueError(f"the cuda backend runs 1 to 4 bits, not {w.bits} (the CPU dot kernels run up to 8)")
     if w.in_features % 32:
         raise ValueError(f"the cuda backend needs in_features to be a multiple of 32, got {w.in_features}")
+    if w.group_size % 32:
+        raise ValueError(f"the cuda backend needs a group size that is a multiple of 32, got {w.group_size}")
     dev = device()
     planes = w.planes.to(dev)
     scales, zeros = w.scales.to(dev), w.zeros.to(dev)

@@ -118,6 +118,8 @@ def kernel_group(group_size: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> DequantLayout:
     """Codes uint8 [N, K] and the format's scales/zeros [N, K // G] -> the GPU layout above."""
+    if bits not in STREAMS:
+        raise ValueError(f"the cuda backend runs 1 to 4 bits, not {bits}")
     n, k = codes.shape
     padded = -(-k // K_MULTIPLE) * K_MULTIPLE
     g = kernel_group(group_size)

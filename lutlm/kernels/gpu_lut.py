@@ -77,6 +77,8 @@ def stack(layouts: list[LutLayout]) -> LutLayout:
 def pack(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> LutLayout:
     """Canonical planes [b, N, K // 8] and scales/zeros [N, K // G] -> the GPU layout above."""
     bits, n, kb = planes.shape
+    if bits > 4:
+        raise ValueError(f"the cuda backend runs 1 to 4 bits, not {bits}")
     g = kernel_group(group_size)
     repeat = group_size // g
     return LutLayout(

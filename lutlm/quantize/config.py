@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from lutlm.formats.packed import SUPPORTED_BITS
 
 METHODS = ("rtn", "awq", "gptq", "awq-gptq", "ternary")
 CALIBRATED_METHODS = ("awq", "gptq", "awq-gptq")  # those that need calibration activations
@@ -23,6 +22,9 @@ SCALING_METHODS = ("awq", "awq-gptq")  # those that search and fold AWQ's input 
 GPTQ_METHODS = ("gptq", "awq-gptq")  # those that round by GPTQ
 DEFAULT_CODE_LR = 1e-2  # grid tuning's learning rate of the code offsets (lutlm.quantize.tune)
 GROUP_MULTIPLE = 32  # group sizes the kernels handle: multiples of 32, or the whole row
+# The widths the quantizers write: the format holds up to 8 bits (GGUF's Q5..Q8 types load
+# as they are), but quantizing to them here is not tuned or tested.
+QUANTIZE_BITS = (1, 2, 3, 4)
 TERNARY_TAKES_NO_GROUP = (
     "ternary quantization takes no group size: its absmean scale is per tensor, "
     "or per group of G inputs with --ternary-group G"
@@ -59,9 +61,9 @@ class QuantConfig:
             if self.symmetric:
                 raise ValueError("ternary weights are symmetric by construction; symmetric does not apply")
         else:
-            if self.bits not in SUPPORTED_BITS:
+            if self.bits not in QUANTIZE_BITS:
                 raise ValueError(
-                    f"bits={self.bits} is not supported: lutlm packs {', '.join(map(str, SUPPORTED_BITS))} bits"
+                    f"bits={self.bits} is not supported: lutlm quantizes to {', '.join(map(str, QUANTIZE_BITS))} bits"
                 )
             if self.ternary_group is not None:
                 raise ValueError(f"ternary_group (--ternary-group) applies to the ternary method, not {self.method}")

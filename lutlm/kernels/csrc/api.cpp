@@ -1,4 +1,5 @@
-/* The exported entry points: instruction-set choice and the table-lookup matmul. */
+/* The exported entry points: instruction-set choice and the table-lookup matmul (which hands
+ * LUTLM_DOT weights to the dot-product kernels, dequant.cpp). */
 #include "internal.h"
 
 namespace {
@@ -86,6 +87,7 @@ int lutlm_dot_gemm_applies(const lutlm_weight *w, int64_t batch) {
 
 int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode) {
     if (batch == 0) return 0;
+    if (w && w->kind == LUTLM_DOT) return lutlm_dot_matmul(w, x, batch, y, mode); /* dequant.cpp */
     const bool dot = mode == LUTLM_INT8 && lutlm_dot_gemm_applies(w, batch);
     Geometry g;
     if ((dot ? lutlm_int8_act_geometry(w, &g) : lutlm_geometry(w, mode, &g)) || !x || !y || batch < 0) return -1;

@@ -2,12 +2,13 @@
  *
  * Each ISA file (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp) is compiled for
  * its own instruction set and provides an `IsaKernels` table; api.cpp picks one at run
- * time and driver.cpp runs it over tiles, tokens and threads. The dequantize baseline's
- * ISA files (dequant_avx2.cpp, dequant_avx512.cpp) provide a `DequantKernels` table in the
- * same way, picked by dequant.cpp. ISA files use only this header, their ISA's epilogue
- * header (whose contents are file-local too), <immintrin.h> and C headers, and keep
- * everything but their table getter file-local, so that no inline function compiled for
- * AVX-512 can be chosen by the linker for code that runs on a machine without it.
+ * time and driver.cpp runs it over tiles, tokens and threads. The dot-product kernels' ISA
+ * files (dequant_scalar.cpp, dequant_avx2.cpp, dequant_avx512.cpp) provide a
+ * `DequantKernels` table in the same way, picked by dequant.cpp. ISA files use only this
+ * header, their ISA's epilogue header (whose contents are file-local too), <immintrin.h>
+ * and C headers, and keep everything but their table getter file-local, so that no inline
+ * function compiled for AVX-512 can be chosen by the linker for code that runs on a machine
+ * without it.
  */
 #ifndef LUTLM_INTERNAL_H
 #define LUTLM_INTERNAL_H
@@ -119,21 +120,43 @@ const IsaKernels *lutlm_scalar_kernels(void);
 const IsaKernels *lutlm_avx2_kernels(void);
 const IsaKernels *lutlm_avx512_kernels(void);
 
-/* The dequantize-then-multiply baseline (dequant.cpp: its geometry, activation buffer and
- * dispatch): int8 activations per q-block, and a tile kernel per code width. */
+/* The dot-product family (the DOT layout of lutlm.h; dequant.cpp: its geometry, activation
+ * buffer and dispatch; also the dequantize-then-multiply baseline): int8 activations per
+ * q-block, and a tile kernel per code width and group kind. */
+#define LUTLM_DOT_MAX_BITS 8
 typedef struct {
     BuildActFn quantize_act;
-    TileFn tile[5]; /* by bits, 1..4 */
+    TileFn tile[LUTLM_DOT_MAX_BITS + 1];     /* by bits, 1..8: groups of 32 inputs or more */
+    TileFn tile_g16[LUTLM_DOT_MAX_BITS + 1]; /* by bits, 1..8: groups of 16 (two per q-block) */
+    /* Several tokens at once (the GEMM of lutlm_lut_matmul), or NULL where that ISA has none. */
+    TileBatchFn batch[LUTLM_DOT_MAX_BITS + 1];
+    TileBatchFn batch_g16[LUTLM_DOT_MAX_BITS + 1];
 } DequantKernels;
 
+const DequantKernels *lutlm_dequant_scalar_kernels(void);
 const DequantKernels *lutlm_dequant_avx2_kernels(void);
 const DequantKernels *lutlm_dequant_avx512_kernels(void);
 
-/* The geometry of a product with int8 activations per q-block (the dequantize baseline and
- * the dot-product GEMM, dequant.cpp): activations at `tables`, their scales at
- * `table_scale`, block sums at `x_sum`; mid 0 and factor 1 in the epilogue. 0, or -1 for a
- * bad weight or one that is not bit-planes. */
+/* Groups of 16 in a dot-product geometry: each q-block (32 inputs) holds two groups, and
+ * x_sum has one entry per 16 inputs instead of one per q-block. */
+static inline int lutlm_dot_g16(const Geometry *g) { return g->w->group_size < g->w->q_block; }
+
+/* The geometry of a product with int8 activations per q-block (mode LUTLM_INT8 or
+ * LUTLM_FAST_AGG) or float activations (LUTLM_FLOAT): activations at `tables`, their
+ * scales at `table_scale`, block (or 16-input) sums at `x_sum`; mid 0 and factor 1 in the
+ * epilogue. Takes LUTLM_DOT weights and, read as the same layout (the dequantize baseline)
+ * or as bit-planes (the dot-product GEMM, which unpacks them itself), LUTLM_PLANES ones of
+ * 1..4 bits. 0, or -1 for a bad weight. */
+int lutlm_dot_geometry(const lutlm_weight *w, int mode, Geometry *g);
+/* lutlm_dot_geometry of a LUTLM_PLANES weight in mode LUTLM_INT8 (the dot-product GEMM). */
 int lutlm_int8_act_geometry(const lutlm_weight *w, Geometry *g);
+
+/* y = x W^T for a LUTLM_DOT weight on the instruction set in use (lutlm_lut_matmul). */
+int lutlm_dot_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode);
+
+/* Float activations for DOT weights (mode LUTLM_FLOAT), portable: exact up to fp32 rounding. */
+void lutlm_dot_build_act_float(const Geometry *g, const float *x, uint8_t *act);
+void lutlm_dot_tile_float(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out);
 
 /* The 4-bit dot-product GEMM over the table-lookup layout (dot_gemm_avx512.cpp). */
 TileBatchFn lutlm_dot_gemm_avx512(void);

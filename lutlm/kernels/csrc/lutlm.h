@@ -56,6 +56,45 @@
  *
  * Table quantization blocks (q_block) are 96 inputs. The zero-point term vanishes
  * (z = 1 is the code of t = 0).
+ *
+ * ---- Dot-product layout (kind = LUTLM_DOT; dequant.cpp) ----
+ *
+ * Codes q (1..8 bits) are multiplied as unsigned bytes with int8 activations (vpdpbusd,
+ * or vpmaddubsw + vpmaddwd), so they are stored where one AND (or shift and AND) puts them
+ * in a byte. Sum_k w_k x_k = s (dx sum_k q_k xq_k - z xsum) per group, xq the activations
+ * rounded to int8 with one scale dx per q-block, xsum dx times the sum of the rounded ones.
+ * Tiles of 16 rows, K-steps of 32 inputs as above; for tile t and step s, `bits` blocks of
+ * 64 bytes (one dword lane per row, four codes of consecutive inputs per lane):
+ *
+ *     codes[((t * n_steps) + s) * 64 * bits + block * 64 + 4 * r + p]   r = row, p = 0..3
+ *
+ * Inputs i = 0..31 are numbered within the step, q is the code. Below 8 bits a code is split
+ * into sections stored one after the other, each in the arrangement of its width (a 3-bit
+ * section is a 2-bit arrangement of its low 2 bits, then a 1-bit one of its top bit):
+ *
+ *   section [lo]: q & 15 (q itself below 4 bits), width min(bits, 4)
+ *   section [hi]: q >> 4, width bits - 4 (bits 5..7 only)
+ *
+ *   4-bit arrangement, 4 blocks j: low nibble = field of input 8j + p, high nibble 8j + 4 + p
+ *   2-bit arrangement, 2 blocks j: bits 2m, 2m + 1 = field of input 16j + 4m + p (m = 0..3)
+ *   1-bit arrangement, 1 block:    bit m = field of input 4m + p (m = 0..7)
+ *
+ *   bits 1: [1]   2: [2]   3: [2][1]   4: [4]   5: [4][1]   6: [4][2]   7: [4][2][1]
+ *   bits 8: whole bytes, 8 blocks j: byte (r, p) = q of input 4j + p
+ *
+ * E.g. 6 bits: blocks 0-3 hold q & 15 as at 4 bits, blocks 4-5 hold q >> 4 as at 2 bits.
+ * (8-bit codes as bytes rather than [4][4]: no unpacking, one vpdpbusd per 64 codes; the
+ * bytes read are the same.) Every arrangement keeps inputs 0..15 and 16..31 in separate
+ * blocks or bits, so that groups of 16 get their own integer sums. Padding (rows to the
+ * tile, inputs to k_padded) holds code 0.
+ *
+ * Groups: group_size 16 (two groups per K-step, q_block 32), or a multiple of 32 dividing
+ * k_padded with q_block the largest of 128, 96, 64, 32 dividing it; one group per row is
+ * k_padded = k rounded up to 32. Scales: fp16 [tiles][k_padded / group_size][2][16] as
+ * above (s then z of the 16 rows per group; padded rows and padded groups hold 0).
+ *
+ * Activation buffer (per token): int8 xq [k_padded] (float x in mode LUTLM_FLOAT), float
+ * dx [q-blocks] (1 in float mode), float xsum [q-blocks, or k_padded / 16 for groups of 16].
  */
 #ifndef LUTLM_H
 #define LUTLM_H
@@ -70,7 +109,7 @@ extern "C" {
 #define LUTLM_API __attribute__((visibility("default")))
 
 enum lutlm_isa { LUTLM_SCALAR = 0, LUTLM_AVX2 = 1, LUTLM_AVX512 = 2 };
-enum lutlm_kind { LUTLM_PLANES = 0, LUTLM_TERNARY = 1 };
+enum lutlm_kind { LUTLM_PLANES = 0, LUTLM_TERNARY = 1, LUTLM_DOT = 2 };
 /* int8 tables (the fast path), float tables (exact, for testing), or int8 tables with
  * pairs of lookups merged by averaging adds before widening (fast aggregation). */
 enum lutlm_mode { LUTLM_INT8 = 0, LUTLM_FLOAT = 1, LUTLM_FAST_AGG = 2 };
@@ -81,8 +120,8 @@ typedef struct {
     int64_t n;               /* output rows */
     int64_t k;               /* inputs (unpadded) */
     int64_t k_padded;        /* multiple of the K-step and of q_block */
-    int32_t bits;            /* 1..4 (2 for ternary) */
-    int32_t group_size;      /* inputs per scale group, in padded units; divides k_padded */
+    int32_t bits;            /* 1..4 (2 for ternary; 1..8 for LUTLM_DOT) */
+    int32_t group_size;      /* inputs per scale group, in padded units; divides k_padded (16 allowed for LUTLM_DOT) */
     int32_t q_block;         /* inputs per table-quantization scale; divides group_size */
     int32_t kind;            /* lutlm_kind */
 } lutlm_weight;
@@ -98,7 +137,10 @@ LUTLM_API int lutlm_get_num_threads(void);
 /* Calls with less work (weight bits x tokens) than this run on one thread. */
 LUTLM_API void lutlm_set_parallel_threshold(double work);
 
-/* y[batch, n] = x[batch, k] @ W^T by table lookup. Returns 0, or -1 for a bad argument. */
+/* y[batch, n] = x[batch, k] @ W^T by table lookup, or for a LUTLM_DOT weight by int8 dot
+ * products (modes LUTLM_INT8 and LUTLM_FAST_AGG: int8 activations per q-block, on every
+ * instruction set, the portable one included; LUTLM_FLOAT: float activations, exact up to
+ * fp32 rounding, portable code). Returns 0, or -1 for a bad argument. */
 LUTLM_API int lutlm_lut_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y, int mode);
 
 /* In mode LUTLM_INT8, 4-bit products of at least `tokens` tokens (default 4, at least 2) run
@@ -111,10 +153,26 @@ LUTLM_API int lutlm_dot_gemm_applies(const lutlm_weight *w, int64_t batch);
 
 /* The dequantize-then-multiply baseline (llama.cpp's method: codes unpacked to bytes, dot
  * products with int8-quantized activations by vpdpbusd on AVX-512, vpmaddubsw + vpmaddwd
- * on AVX2). Its own layout: see dequant.cpp. Runs on the instruction set in use
- * (lutlm_get_isa); returns -1 on the scalar one (there is no portable version) and for a
+ * on AVX2): the int8 path of a LUTLM_DOT weight (a LUTLM_PLANES descriptor of 1..4 bits is
+ * read as the same layout, as the baseline's callers wrote it before the DOT kind). Runs on
+ * the instruction set in use (lutlm_get_isa); returns -1 on the scalar one (a benchmark
+ * row of the baseline is SIMD code; lutlm_lut_matmul runs DOT weights portably) and for a
  * bad argument. */
 LUTLM_API int lutlm_dequant_matmul(const lutlm_weight *w, const float *x, int64_t batch, float *y);
+
+/* The DOT layout of an n x k weight of `bits` (1..8) bits in groups of `group` inputs (16,
+ * a multiple of 32 dividing k, or k): the lutlm_weight fields *k_padded, *group_padded and
+ * *q_block, and the sizes of its arrays, *code_bytes and *scale_values (fp16 values).
+ * Returns 0, or -1 for a configuration the DOT kernels do not run. */
+LUTLM_API int lutlm_dot_shape(int64_t n, int64_t k, int32_t bits, int32_t group, int64_t *k_padded,
+                              int32_t *group_padded, int32_t *q_block, int64_t *code_bytes, int64_t *scale_values);
+
+/* Writes the DOT layout from codes uint8 [n][k] (one code per byte, row-major, values
+ * < 2^bits) and fp16 scales and zeros [n][k / group] (one group per row: [n][1]) into
+ * out_codes and out_scales (sizes from lutlm_dot_shape), on the kernels' threads. Returns
+ * 0; -1 for a bad argument; -2 if a code does not fit in `bits` (the output is then partial). */
+LUTLM_API int lutlm_pack_dot(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int64_t n,
+                             int64_t k, int32_t bits, int32_t group, uint8_t *out_codes, uint16_t *out_scales);
 
 /* Memory read bandwidth in bytes per second, streaming `bytes` with the current threads. */
 LUTLM_API double lutlm_read_bandwidth(int64_t bytes, int repeats);
