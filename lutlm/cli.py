@@ -32,7 +32,17 @@ def load(args):
 
     set_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend)
+    layout_cache = getattr(args, "layout_cache", None) or os.environ.get("LUTLM_LAYOUT_CACHE")
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, layout_cache=layout_cache)
+    from lutlm.fast_decode import unsupported_reason
+
+    if unsupported_reason(model) is None:
+        # Every linear runs on the kernels' own thread pool; PyTorch (attention and norms of a
+        # prompt) keeps one thread, as `bench e2e` runs it: its OpenMP workers spin-wait after
+        # each operation and would take the cores the kernels need.
+        import torch
+
+        torch.set_num_threads(1)
     print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: {linear_summary(model, checkpoint)}",
           file=sys.stderr)
     checkpoint = dataclasses.replace(checkpoint, packed={})
@@ -222,6 +232,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
                    help="kernels for low-bit weights (default: the fastest available). A GGUF's linears run "
                         "on them from their own blocks; 'reference' keeps them float (plain PyTorch), for checks")
+    p.add_argument("--layout-cache", metavar="DIR",
+                   help="keep a GGUF's weights in the CPU kernels' layout in DIR, so that the next load maps them "
+                        "instead of laying them out again (default: $LUTLM_LAYOUT_CACHE, else none)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:

@@ -16,7 +16,10 @@ weight is read.
 
 from __future__ import annotations
 
-import time
+import math
+import os
+import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +28,10 @@ from tqdm import tqdm
 
 from lutlm.formats import Checkpoint
 from lutlm.formats.gguf import open_gguf, unpermute_rotary
+from lutlm.formats.gguf_packed import GROUP_TYPES
 from lutlm.formats.llama_layout import LAYER_TENSORS
 
+TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 LAYER_LINEARS = tuple(name for name in LAYER_TENSORS if name.endswith("_proj"))
 HEAD = "lm_head"
 
@@ -59,8 +64,6 @@ def _linear_tensors(checkpoint: Checkpoint) -> dict[str, str]:
 
 def plan_linears(checkpoint: Checkpoint, backend: str) -> list[LinearPlan]:
     """Which of the GGUF's linears go to `backend`'s kernels, read from the header alone."""
-    from lutlm.formats.gguf_packed import GROUP_TYPES
-
     shapes = _tensor_shapes(checkpoint)
     plans = []
     for module, tensor in _linear_tensors(checkpoint).items():
@@ -72,8 +75,6 @@ def plan_linears(checkpoint: Checkpoint, backend: str) -> list[LinearPlan]:
 
 def _backend_takes(backend: str, kind: str) -> bool:
     """The cuda kernels take 1 to 4 bits in groups of 32 or more; the CPU kernels every type."""
-    from lutlm.formats.gguf_packed import GROUP_TYPES
-
     if backend != "cuda":
         return True
     bits, group = GROUP_TYPES[kind]
@@ -108,47 +109,98 @@ def _rotary_heads(checkpoint: Checkpoint, module: str) -> int | None:
 
 
 def gguf_linears(checkpoint: Checkpoint, backend: str, plans: list[LinearPlan] | None = None,
-                 progress: bool | None = None) -> dict:
-    """Module name -> PackedLinear on `backend` for every planned linear on the kernels."""
-    from lutlm.kernels.ggml_native import ggml_groups_native
+                 progress: bool | None = None, layout_cache: str | None = None) -> dict:
+    """Module name -> PackedLinear on `backend` for every planned linear on the kernels.
+    `layout_cache`: a folder where the CPU layouts are kept for the next load (lutlm.layout_cache)."""
     from lutlm.linear import PackedLinear
 
-    plans = [p for p in (plans or plan_linears(checkpoint, backend)) if p.on_kernels]
+    plans = plans or plan_linears(checkpoint, backend)
+    stay_float = [p for p in plans if not p.on_kernels]
+    if stay_float:  # said before any weight is read: what the load will cost
+        kinds = Counter(p.source_type for p in stay_float)
+        print(f"{checkpoint.source}: {len(stay_float)} linears stay float on the {backend} backend "
+              f"({', '.join(f'{k} x{n}' for k, n in kinds.most_common())}: "
+              f"{sum(p.float_bytes for p in stay_float) / 2**20:.0f} MiB as float32)", file=sys.stderr)
+    plans = [p for p in plans if p.on_kernels]
+    kernels = {}
+    if backend == "cpu":
+        from lutlm.kernels import choice
+
+        for p in plans:
+            bits, group_size = GROUP_TYPES[p.source_type]
+            kernels[p.module] = choice.cpu_kernel(bits, group_size, p.shape[1], p.source_type in TERNARY_TYPES)
+    cached, cache_file = None, None
+    if layout_cache and backend == "cpu":
+        from lutlm import layout_cache as lc
+
+        key = lc.cache_key(checkpoint.source, [(p.module, kernels[p.module], *GROUP_TYPES[p.source_type])
+                                                for p in plans])
+        cache_file = lc.cache_path(layout_cache, checkpoint.source, key)
+        cached = lc.read(cache_file, key)
+        if cached is not None and set(cached) != {p.module for p in plans}:
+            cached = None
+    if cached is not None:
+        return {module: PackedLinear(None, backend, handle=h, bits=bits, group_size=g, ternary=t)
+                for module, (h, bits, g, t) in cached.items()}
     gguf_file = _gguf_file(checkpoint)
     tensors = _gguf_tensors(checkpoint)
     linears = {}
-    start = time.perf_counter()
     # tqdm's delay: a load that takes under a second shows nothing.
     for plan in tqdm(plans, desc="laying out weights", unit="tensor", delay=1.0, disable=progress is False,
                      leave=False):
-        groups = ggml_groups_native(np.asarray(tensors[plan.tensor].data), plan.source_type, plan.shape)
-        codes, scales, zeros = (torch.from_numpy(a) for a in (groups.codes, groups.scales, groups.zeros))
-        heads = _rotary_heads(checkpoint, plan.module)
-        if heads:
-            rows = unpermute_rotary(torch.arange(plan.shape[0]).unsqueeze(1), heads).squeeze(1)
-            codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
-        handle = _prepare(backend, codes, scales, zeros, groups)
-        linears[plan.module] = PackedLinear(None, backend, handle=handle, bits=groups.bits,
-                                            group_size=groups.group_size, ternary=groups.ternary)
-        del codes, scales, zeros, groups
-        gguf_file.release(tensors[plan.tensor])
-    gguf_linears.last_seconds = time.perf_counter() - start
+        bits, group_size = GROUP_TYPES[plan.source_type]
+        ternary = plan.source_type in TERNARY_TYPES
+        chunks = _code_chunks(checkpoint, gguf_file, tensors[plan.tensor], plan)
+        if backend == "cpu":
+            from lutlm.kernels import cpu
+
+            handle = cpu.prepare_code_rows(*plan.shape, bits, group_size, chunks, kernels[plan.module], ternary)
+        else:
+            from lutlm.formats.packed import PackedWeight, pack_planes
+            from lutlm.kernels import get_backend
+
+            codes, scales, zeros = (torch.cat(parts) for parts in zip(*chunks))
+            weight = PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group_size, ternary)
+            handle = get_backend(backend).prepare(weight)
+        linears[plan.module] = PackedLinear(None, backend, handle=handle, bits=bits, group_size=group_size,
+                                            ternary=ternary)
+    if cache_file:
+        from lutlm import layout_cache as lc
+
+        try:
+            os.makedirs(layout_cache, exist_ok=True)
+            lc.write(cache_file, key, {m: (lin.handle, lin.bits, lin.group_size, lin.ternary)
+                                       for m, lin in linears.items()})
+        except OSError as e:  # the model is loaded: a cache that cannot be written only costs the next load
+            print(f"lutlm: could not keep the layout in {layout_cache}: {e.strerror or e}", file=sys.stderr)
     return linears
 
 
-def _prepare(backend: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groups):
-    if backend == "cpu":
-        from lutlm.kernels import choice, cpu
+CHUNK_ROWS = 2048  # rows decoded and laid out at a time: 8 MiB of codes at K = 4096
 
-        kernel = choice.cpu_kernel(groups.bits, groups.group_size, codes.shape[1], groups.ternary)
-        return cpu.prepare_codes(codes.contiguous(), scales.contiguous(), zeros.contiguous(), groups.bits,
-                                 groups.group_size, kernel=kernel, ternary=groups.ternary)
-    from lutlm.formats.packed import PackedWeight, pack_planes
-    from lutlm.kernels import get_backend
 
-    weight = PackedWeight(pack_planes(codes, groups.bits), scales, zeros, groups.bits, groups.group_size,
-                          groups.ternary)
-    return get_backend(backend).prepare(weight)
+def _code_chunks(checkpoint: Checkpoint, gguf_file, tensor, plan: LinearPlan):
+    """(codes, scales, zeros) of the tensor's rows, CHUNK_ROWS at a time (whole tiles of 16 rows,
+    whole heads for q/k, whose rows are put back in Hugging Face's rotary order within each
+    head); each chunk's file pages are dropped from memory once it is decoded."""
+    from lutlm.kernels.ggml_native import ggml_groups_native
+
+    n, k = plan.shape
+    raw = np.asarray(tensor.data).reshape(n, -1)  # one row's blocks per row
+    row_bytes = raw.shape[1]
+    heads = _rotary_heads(checkpoint, plan.module)
+    head_rows = n // heads if heads else 1
+    unit = math.lcm(16, head_rows)
+    step = max(unit, CHUNK_ROWS // unit * unit)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        groups = ggml_groups_native(raw[r0:r1], plan.source_type, (r1 - r0, k))
+        codes, scales, zeros = (torch.from_numpy(a) for a in (groups.codes, groups.scales, groups.zeros))
+        if heads:
+            rows = unpermute_rotary(torch.arange(r1 - r0).unsqueeze(1), (r1 - r0) // head_rows).squeeze(1)
+            codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
+        gguf_file.release_range(tensor.data_offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        yield codes, scales, zeros
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -114,19 +114,26 @@ def is_gguf(checkpoint: Checkpoint) -> bool:
     return os.path.isfile(checkpoint.source) and bool(checkpoint.tensor_types)
 
 
-def load_model(path: str | None = None, backend: str | None = None,
-               progress: bool | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
+def load_model(path: str | None = None, backend: str | None = None, progress: bool | None = None,
+               layout_cache: str | None = None) -> tuple[Transformer, Tokenizer, Checkpoint]:
     """The model at `path` (default: the bundled one). A GGUF's linears run on `backend`'s
     kernels from their own blocks (lutlm.gguf_linears), the output head included, and on the
     CPU its token embedding stays in its block type (lutlm.embedding); with backend
-    "reference" they stay float (dequantized, plain PyTorch: the path to check against)."""
+    "reference" they stay float (dequantized, plain PyTorch: the path to check against).
+    `layout_cache`: a folder where a GGUF's CPU layouts are kept, so the next load maps them."""
     checkpoint = load_checkpoint(path or default_model_path())
+    model = checkpoint_model(checkpoint, backend, progress, layout_cache)
+    return model, Tokenizer(checkpoint.tokenizer), checkpoint
+
+
+def checkpoint_model(checkpoint: Checkpoint, backend: str | None = None, progress: bool | None = None,
+                     layout_cache: str | None = None) -> Transformer:
+    """The model of a loaded checkpoint, as load_model builds it (without the tokenizer)."""
     modules = {}
     if is_gguf(checkpoint):
         backend = backend or default_backend("cpu")
         if backend != "reference":
-            modules = gguf_linears(checkpoint, backend, progress=progress)
+            modules = gguf_linears(checkpoint, backend, progress=progress, layout_cache=layout_cache)
             if backend == "cpu" and "lm_head" in modules:
                 modules.update(gguf_embedding(checkpoint))
-    model = build_model(checkpoint, backend, modules=modules)
-    return model, Tokenizer(checkpoint.tokenizer), checkpoint
+    return build_model(checkpoint, backend, modules=modules)

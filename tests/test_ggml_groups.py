@@ -18,7 +18,6 @@ from tiny_gguf import write_tiny_gguf
 
 from lutlm.formats import load_checkpoint
 from lutlm.formats.ggml_encode import encode_blocks, quantize
-from lutlm.formats.ggml_quants import dequantize
 from lutlm.formats.gguf import open_gguf, unpermute_rotary
 from lutlm.formats.gguf_packed import GROUP_TYPES, LAYOUTS, ggml_groups, pack_ggml, pack_gguf_linears
 from lutlm.formats.packed import SUPPORTED_BITS

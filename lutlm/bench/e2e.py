@@ -446,11 +446,14 @@ def run_model(model: str, args, work: Path, use_peer: bool) -> dict:
     return result
 
 
-def write_results(result: dict, out_dir: Path, stem: str, as_json: bool) -> list[Path]:
+def write_results(result: dict, out_dir: Path, stem: str, as_json: bool, render=None) -> list[Path]:
+    """The report as markdown, a plot and optionally JSON; `render` = (markdown, plot) functions
+    of another report (bench e2e --gguf) in place of this module's."""
+    to_markdown, to_plot = render or (markdown, plot)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(markdown(result))
-    plot(result, paths[1])
+    paths[0].write_text(to_markdown(result))
+    to_plot(result, paths[1])
     if as_json:
         paths.append(out_dir / f"{stem}.json")
         paths[-1].write_text(json.dumps(result, indent=1) + "\n")

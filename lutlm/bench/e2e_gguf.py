@@ -584,19 +584,24 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_results(result: dict, out_dir: Path, stem: str, as_json: bool) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(markdown(result))
-    plot(result, paths[1])
-    if as_json:
-        paths.append(out_dir / f"{stem}.json")
-        paths[-1].write_text(json.dumps(result, indent=1) + "\n")
-    return paths
+    return e2e.write_results(result, out_dir, stem, as_json, render=(markdown, plot))
+
+
+def bundled_file(path: str) -> str:
+    """`bundled` names the bundled model's GGUF (a command line that runs anywhere)."""
+    if path != "bundled":
+        return path
+    from lutlm.formats.gguf import bundled_model_path
+
+    return bundled_model_path()
 
 
 def command_line(args) -> str:
     """The command as typed where it came from `lutlm bench e2e`, else one that reproduces it."""
     argv = sys.argv[1:]
+    if "--work-dir" in argv:  # a cache of this machine's: where files are kept changes no figure
+        i = argv.index("--work-dir")
+        argv = argv[:i] + argv[i + 2:]
     if argv[:2] == ["bench", "e2e"]:
         return shlex.join(["lutlm", *argv])
     parts = ["lutlm", "bench", "e2e"]
@@ -723,7 +728,7 @@ def run(args) -> list[dict]:
     use_peer = peer.available() and not args.no_peer
     jobs = []  # (name, title, infos or a function making them)
     if args.gguf:
-        paths = [p for p in args.gguf.split(",") if p]
+        paths = [bundled_file(p) for p in args.gguf.split(",") if p]
         if not paths:
             raise ValueError("--gguf takes comma-separated GGUF file paths")
         infos = [gguf_info(p) for p in paths]
@@ -779,7 +784,8 @@ def run(args) -> list[dict]:
 def add_arguments(p) -> None:
     """This mode's options on `bench e2e`'s parser."""
     p.add_argument("--gguf", metavar="FILE[,FILE...]",
-                   help="lutlm and llama.cpp on these GGUF files, each engine reading the same file")
+                   help="lutlm and llama.cpp on these GGUF files, each engine reading the same file "
+                        "('bundled': the bundled SmolLM2 model)")
     p.add_argument("--synthetic-types", metavar="TYPE[,TYPE...]",
                    help=f"a synthetic --models shape (default {SYNTHETIC_MODELS[0]}, --layers default "
                         f"{DEFAULT_LAYERS}) quantized by llama.cpp to these types, then as --gguf; types: "

@@ -155,9 +155,15 @@ class GGUFFile:
         """Drop `tensor`'s pages from this process's resident memory (they stay in the page
         cache, and a later read faults them back in): a load that has laid a tensor out for
         the kernels then holds the layout, not both. Best effort."""
+        self.release_range(tensor.data_offset, tensor.n_bytes)
+
+    def release_range(self, offset: int, length: int) -> None:
+        """`release` for the file's bytes [offset, offset + length): the pages wholly inside."""
         page = mmap.PAGESIZE
-        start = tensor.data_offset // page * page
-        end = min(self.size, -(-(tensor.data_offset + tensor.n_bytes) // page) * page)
+        start = -(-offset // page) * page
+        end = min(self.size, (offset + length) // page * page if offset + length < self.size else self.size)
+        if end <= start:
+            return
         try:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (AttributeError, OSError, ValueError):

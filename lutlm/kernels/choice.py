@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from lutlm.formats.packed import PackedWeight, pack_planes
 from lutlm.kernels import cpu
 
 FAMILIES = ("lut", "dot")
@@ -90,9 +89,9 @@ def measure(bits: int, group_size: int, rounds: int = 5) -> dict[str, dict[str, 
         codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
         scales = (torch.rand(n, k // group_size, generator=g) * 0.01).half()
         zeros = torch.full((n, k // group_size), (2 ** bits - 1) / 2).half()
-        w = PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group_size)
         for family in FAMILIES:
-            handles[family].append(cpu.prepare(w, kernel=family))
+            handles[family].append(cpu.prepare_codes(codes, scales, zeros, bits, group_size, kernel=family))
+        del codes
     inputs = {"gemv": torch.randn(1, k), "gemm64": torch.randn(64, k)}
     times = {family: {shape: [] for shape in inputs} for family in FAMILIES}
     for r in range(rounds + 1):  # round 0 warms up

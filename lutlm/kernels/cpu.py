@@ -42,7 +42,8 @@ import torch
 
 from lutlm.formats.packed import PackedWeight, pack_planes
 from lutlm.native import load_library
-from lutlm.kernels.cpu_layout import STEP, TILE_ROWS, dot_shape, kernel_shape, lut_codes, lut_shape, tile_scales
+from lutlm.kernels.cpu_layout import (STEP, TERNARY_STEP, TILE_ROWS, dot_shape, kernel_shape, lut_codes, lut_shape,
+                                      tile_scales)
 
 MODES = {"int8": 0, "float": 1, "fast": 2}
 ISAS = ("scalar", "avx2", "avx512")
@@ -83,6 +84,8 @@ def _load() -> ctypes.CDLL | None:
     i64_p, i32_p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32)
     lib.lutlm_dot_shape.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, i64_p, i32_p,
                                     i32_p, i64_p, i64_p]
+    lib.lutlm_pack_lut.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int32, ctypes.c_int64] + \
+        [ctypes.c_void_p] * 2
     lib.lutlm_pack_dot.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     lib.lutlm_set_num_threads(torch.get_num_threads())
@@ -222,72 +225,70 @@ def prepare_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
                   kernel: str = "dot", ternary: bool = False) -> LutWeight:
     """Lay out a weight given as codes uint8 [N, K] (one code per byte, values < 2^bits) and
     fp16 scales and zeros [N, K // group_size] (w = s (q - z)), with no bit-planes, in native
-    code on the kernels' threads (csrc/dot_pack.cpp): the same bytes as `prepare` of the
-    equivalent PackedWeight. `ternary` (codes t + 1, zeros 1) changes nothing for "dot".
-
-    kernel="lut" (table lookup) goes through csrc/layout.cpp's converter where the library has
-    it and the weight takes bit-planes, else through a PackedWeight and `prepare` (ternary
-    weights, for the ternary table)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"prepare_codes lays out the dot kernels' weights (kernel='dot') or the table-lookup "
-                         f"kernels' (kernel='lut'), not {kernel!r}")
+    code on the kernels' threads (csrc/dot_pack.cpp, csrc/layout.cpp): the same bytes as
+    `prepare` of the equivalent PackedWeight. `ternary` (codes t + 1, zeros 1): the table-lookup
+    kernels' direct ternary table where the group allows it (a multiple of 96 or the whole row),
+    as `prepare` picks it; bit-planes otherwise (TQ1_0/TQ2_0's groups of 256)."""
     if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.device.type != "cpu":
         raise ValueError(f"codes must be a uint8 [N, K] CPU tensor, got {codes.dtype} {tuple(codes.shape)} "
                          f"on {codes.device}")
     n, k = codes.shape
-    shape = (dot_shape if kernel == "dot" else lut_shape)(bits, group_size, k)  # a ValueError naming the problem
+    return prepare_code_rows(n, k, bits, group_size, [(codes, scales, zeros)], kernel, ternary)
+
+
+def prepare_code_rows(n: int, k: int, bits: int, group_size: int, row_chunks, kernel: str = "dot",
+                      ternary: bool = False) -> LutWeight:
+    """`prepare_codes` of an N x K weight handed over in consecutive row chunks: `row_chunks`
+    yields (codes [r, K], scales [r, G], zeros [r, G]) with r a multiple of 16 but in the last
+    chunk. Both layouts store whole tiles of 16 rows one after another, so each chunk is laid
+    out into its own slice of the result, and only one chunk's codes need exist at a time (a
+    7B model's 49152 x 4096 head: 8 MiB at a time, not 200)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"prepare_codes lays out the dot kernels' weights (kernel='dot') or the table-lookup "
+                         f"kernels' (kernel='lut'), not {kernel!r}")
+    if kernel == "lut" and ternary and (group_size == k or group_size % TERNARY_STEP == 0):
+        # The direct ternary table (1.67 bits a weight), as `prepare` picks it: written from planes.
+        codes, scales, zeros = (torch.cat(parts) for parts in zip(*row_chunks))
+        return prepare(PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group_size, True), kernel="lut")
+    # a ValueError naming the problem
+    shape = dot_shape(bits, group_size, k) if kernel == "dot" else lut_shape(bits, group_size, k, ternary)
     groups = 1 if group_size == k else k // group_size
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if tuple(t.shape) != (n, groups) or t.dtype != torch.float16 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a float16 [{n}, {groups}] CPU tensor, got {t.dtype} {tuple(t.shape)} "
-                             f"on {t.device}")
-    if kernel == "lut":
-        return _prepare_codes_lut(codes, scales, zeros, bits, group_size, ternary)
     lib = library()
-    k_padded, group, q_block = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_int32()
-    code_bytes, scale_values = ctypes.c_int64(), ctypes.c_int64()
-    if lib.lutlm_dot_shape(n, k, bits, group_size, ctypes.byref(k_padded), ctypes.byref(group), ctypes.byref(q_block),
-                           ctypes.byref(code_bytes), ctypes.byref(scale_values)):
-        raise ValueError(f"the dot kernels do not run {bits}-bit weights in groups of {group_size} over {k} inputs")
-    assert (k_padded.value, group.value, q_block.value) == (shape.k_padded, shape.group_size, shape.q_block)
-    codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
-    tiles = -(-n // TILE_ROWS)
-    out_codes = torch.empty(tiles, k_padded.value // STEP, bits, TILE_ROWS, 4, dtype=torch.uint8)
-    out_scales = torch.empty(tiles, k_padded.value // group.value, 2, TILE_ROWS, dtype=torch.float16)
-    assert out_codes.numel() == code_bytes.value and out_scales.numel() == scale_values.value
-    rc = lib.lutlm_pack_dot(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, bits, group_size,
-                            out_codes.data_ptr(), out_scales.data_ptr())
-    if rc == -2:
-        raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
-    if rc:
-        raise RuntimeError("lutlm_pack_dot rejected the call")
+    tiles, steps, scale_groups = -(-n // TILE_ROWS), shape.k_padded // STEP, shape.k_padded // shape.group_size
+    out_codes = torch.empty(tiles, steps, bits, TILE_ROWS, 4, dtype=torch.uint8)
+    out_scales = torch.empty(tiles, scale_groups, 2, TILE_ROWS, dtype=torch.float16)
+    row = 0
+    for codes, scales, zeros in row_chunks:
+        rows = codes.shape[0] if codes.dim() == 2 else -1
+        if codes.dtype != torch.uint8 or codes.device.type != "cpu" or tuple(codes.shape) != (rows, k):
+            raise ValueError(f"codes must be a uint8 [rows, {k}] CPU tensor, got {codes.dtype} "
+                             f"{tuple(codes.shape)} on {codes.device}")
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != (rows, groups) or t.dtype != torch.float16 or t.device.type != "cpu":
+                raise ValueError(f"{name} must be a float16 [{rows}, {groups}] CPU tensor, got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+        if row % TILE_ROWS or row + rows > n:
+            raise ValueError(f"row chunks must cover the {n} rows in runs of whole 16-row tiles")
+        codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
+        dst_codes, dst_scales = out_codes[row // TILE_ROWS:], out_scales[row // TILE_ROWS:]
+        if kernel == "dot":
+            rc = lib.lutlm_pack_dot(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), rows, k, bits, group_size,
+                                    dst_codes.data_ptr(), dst_scales.data_ptr())
+        else:
+            rc = -2 if int(codes.max()) >= 1 << bits else lib.lutlm_pack_lut(
+                codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), rows, k, shape.k_padded, bits, groups,
+                dst_codes.data_ptr(), dst_scales.data_ptr())
+        if rc == -2:
+            raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
+        if rc:
+            raise RuntimeError(f"the {kernel} layout converter rejected the call")
+        row += rows
+    if row != n:
+        raise ValueError(f"row chunks gave {row} of the weight's {n} rows")
+    kind = _DOT if kernel == "dot" else _PLANES
     c = _Weight(out_codes.data_ptr(), out_scales.data_ptr(), n, k, shape.k_padded, bits, shape.group_size,
-                shape.q_block, _DOT)
-    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False, kernel="dot")
-
-
-def _prepare_codes_lut(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                       ternary: bool) -> LutWeight:
-    lib = library()
-    n, k = codes.shape
-    shape = lut_shape(bits, group_size, k, ternary)  # bit-planes
-    if ternary or not hasattr(lib, "lutlm_pack_lut"):
-        w = PackedWeight(pack_planes(codes, bits), scales, zeros, bits, group_size, ternary)
-        return prepare(w, kernel="lut")
-    if int(codes.max()) >= 1 << bits:
-        raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
-    lib.lutlm_pack_lut.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int32, ctypes.c_int64] + \
-        [ctypes.c_void_p] * 2
-    codes, scales, zeros = codes.contiguous(), scales.contiguous(), zeros.contiguous()
-    tiles, groups = -(-n // TILE_ROWS), shape.k_padded // shape.group_size
-    out_codes = torch.empty(tiles, shape.k_padded // STEP, bits, TILE_ROWS, 4, dtype=torch.uint8)
-    out_scales = torch.empty(tiles, groups, 2, TILE_ROWS, dtype=torch.float16)
-    if lib.lutlm_pack_lut(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, shape.k_padded, bits, groups,
-                          out_codes.data_ptr(), out_scales.data_ptr()):
-        raise RuntimeError("lutlm_pack_lut rejected the call")
-    c = _Weight(out_codes.data_ptr(), out_scales.data_ptr(), n, k, shape.k_padded, bits, shape.group_size,
-                shape.q_block, _PLANES)
-    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False)
+                shape.q_block, kind)
+    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False, kernel=kernel)
 
 
 def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
