@@ -40,7 +40,8 @@ def main() -> None:
 
     from lutlm import peer
     from lutlm.bench.e2e_gguf import QUANT_TYPES, cpu_model
-    from lutlm.cli import linear_summary, set_threads
+    from lutlm.cli import set_threads
+    from lutlm.linear import linear_summary
     from lutlm.formats import load_checkpoint
     from lutlm.formats.gguf import bundled_model_path
     from lutlm.formats.gguf_writer import save_gguf
@@ -73,7 +74,7 @@ def main() -> None:
         rows.append({
             "type": kind, "file_mib": round(os.path.getsize(path) / 2**20, 1),
             "tensor_types": ", ".join(f"{t} x{n}" for t, n in types.most_common()),
-            "lutlm_linears": linear_summary(model, checkpoint),
+            "lutlm_linears": linear_summary(model, checkpoint.tensor_types),
             "lutlm": round(ours.perplexity, 4), "llama.cpp": round(theirs.perplexity, 4),
             "difference_pct": round((ours.perplexity / theirs.perplexity - 1) * 100, 3),
             "tokens_scored": ours.tokens_scored, "chunks": ours.chunks,

@@ -27,6 +27,7 @@ def set_threads(n: int | None) -> None:
 def load(args):
     """The model, tokenizer and checkpoint a command runs on, with the threads set. The checkpoint
     comes back without its packed weights: the model holds them in its kernels' layout."""
+    from lutlm.linear import linear_summary
     from lutlm.loader import load_model
     from lutlm.native import return_freed_memory
 
@@ -43,42 +44,16 @@ def load(args):
         import torch
 
         torch.set_num_threads(1)
-    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: {linear_summary(model, checkpoint)}",
+    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: {linear_summary(model, checkpoint.tensor_types)}",
           file=sys.stderr)
     checkpoint = dataclasses.replace(checkpoint, packed={})
     return_freed_memory()
     return model, tokenizer, checkpoint
 
 
-def linear_summary(model, checkpoint) -> str:
-    """How the linears compute, by source type, e.g. "210 x Q4_1 -> lut 4-bit g32, 1 x Q8_0 ->
-    dot 8-bit g32; 0 float linears"; float linears say what they cost."""
-    from lutlm.linear import PackedLinear
-
-    kinds, floats, float_bytes = Counter(), Counter(), 0
-    types = checkpoint.tensor_types
-    for name, module in model.named_modules():
-        if not hasattr(module, "in_features"):
-            continue
-        source = types.get(f"{name}.weight") or (types.get("model.embed_tokens.weight") if name == "lm_head" else None)
-        if isinstance(module, PackedLinear):
-            kind = "ternary" if module.ternary else f"{module.bits}-bit"
-            kinds[f"{source or 'packed'} -> {module.kernel} {kind} g{module.group_size}"] += 1
-        else:
-            floats[source or "float"] += 1
-            float_bytes += module.weight.numel() * module.weight.element_size()
-    parts = [f"{n} x {k}" for k, n in kinds.most_common()]
-    if floats:
-        parts.append(f"{sum(floats.values())} float linears ({', '.join(f'{t} x{n}' for t, n in floats.most_common())}, "
-                     f"{float_bytes / 2**20:.0f} MiB)")
-    else:
-        parts.append("0 float linears")
-    return ", ".join(parts)
-
-
 def describe(checkpoint, model) -> str:
     """What a model is: architecture, shapes, storage types, size and bits per weight."""
-    from lutlm.linear import PackedLinear
+    from lutlm.linear import PackedLinear, linear_summary
 
     c = checkpoint.config
     lines = [
@@ -100,7 +75,7 @@ def describe(checkpoint, model) -> str:
         lines.append(f"file size:    {stored_bits / 8 / 2**20:.1f} MiB, {stored_bits / n_params:.2f} bits per weight")
     if checkpoint.quantization:
         lines.append(f"quantization: {checkpoint.quantization}")
-    lines.append(f"linears:      {linear_summary(model, checkpoint)}")
+    lines.append(f"linears:      {linear_summary(model, checkpoint.tensor_types)}")
     return "\n".join(lines)
 
 

@@ -91,10 +91,8 @@ def _gguf_tensors(checkpoint: Checkpoint) -> dict:
     return {hf_name(t.name): t for t in _gguf_file(checkpoint).tensors}
 
 
-def _tensor_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, int]]:
-    shapes = getattr(checkpoint, "shapes", None)
-    if shapes:
-        return shapes
+def _tensor_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """GGUF lists dimensions innermost first; torch's order is the reverse."""
     return {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in _gguf_tensors(checkpoint).items()}
 
 

@@ -7,6 +7,8 @@ code never changes with the weight format.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -80,3 +82,29 @@ def replace_linears(model: nn.Module, packed: dict[str, PackedWeight | PackedLin
                 f"the model expects {old.out_features}x{old.in_features}"
             )
         setattr(parent, child, weight if isinstance(weight, PackedLinear) else PackedLinear(weight, backend))
+
+
+def linear_summary(model: nn.Module, tensor_types: dict[str, str]) -> str:
+    """How a model's linears compute, by their type in the file (`tensor_types`, a checkpoint's),
+    e.g. "210 x Q4_1 -> lut 4-bit g32, 1 x Q8_0 -> dot 8-bit g32, 0 float linears"; float
+    linears say what they hold."""
+    kinds, floats, float_bytes = Counter(), Counter(), 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "in_features"):
+            continue
+        source = tensor_types.get(f"{name}.weight")
+        if source is None and name == "lm_head":  # a tied head: the embedding's blocks
+            source = tensor_types.get("model.embed_tokens.weight")
+        if isinstance(module, PackedLinear):
+            kind = "ternary" if module.ternary else f"{module.bits}-bit"
+            kinds[f"{source or 'packed'} -> {module.kernel} {kind} g{module.group_size}"] += 1
+        else:
+            floats[source or "float"] += 1
+            float_bytes += module.weight.numel() * module.weight.element_size()
+    parts = [f"{n} x {k}" for k, n in kinds.most_common()]
+    if floats:
+        parts.append(f"{sum(floats.values())} float linears ({', '.join(f'{t} x{n}' for t, n in floats.most_common())}, "
+                     f"{float_bytes / 2**20:.0f} MiB)")
+    else:
+        parts.append("0 float linears")
+    return ", ".join(parts)

@@ -18,14 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from lutlm.cli import linear_summary
+from tiny_gguf import write_tiny_gguf
+
 from lutlm.embedding import BlockEmbedding
 from lutlm.fast_decode import FastDecoder, fast_decoder_for
-from lutlm.kernels import cpu
-from lutlm.linear import PackedLinear
 from lutlm.formats import load_checkpoint
+from lutlm.kernels import cpu
+from lutlm.linear import PackedLinear, linear_summary
 from lutlm.loader import checkpoint_model, load_model
-from tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels are not built")
 
@@ -50,8 +50,8 @@ def test_every_linear_runs_on_the_kernels(models):
     assert len(packed) == 7 * LAYERS + 1
     assert all(m.backend_name == "cpu" and m.kernel in ("lut", "dot") for m in packed)
     assert not any(type(m) is nn.Linear for m in model.modules())
-    assert linear_summary(model, checkpoint).endswith("0 float linears")
-    assert f"{7 * LAYERS + 1} x {kind} -> " in linear_summary(model, checkpoint)
+    assert linear_summary(model, checkpoint.tensor_types).endswith("0 float linears")
+    assert f"{7 * LAYERS + 1} x {kind} -> " in linear_summary(model, checkpoint.tensor_types)
     assert fast_decoder_for(model) is not None
 
 
@@ -115,7 +115,7 @@ def test_bundled_model_runs_on_the_kernels_with_its_embedding_in_blocks(bundled_
     model, _, checkpoint = load_model(bundled_path)
     assert isinstance(model.model.embed_tokens, BlockEmbedding)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.bits == 8
-    assert linear_summary(model, checkpoint) == (
+    assert linear_summary(model, checkpoint.tensor_types) == (
         f"210 x Q4_1 -> {model.model.layers[0].mlp.up_proj.kernel} 4-bit g32, 1 x Q8_0 -> dot 8-bit g32, "
         "0 float linears")
     reference = bundled[0]

@@ -324,23 +324,6 @@ def fail(info: GGUFInfo, engine: str, error: BaseException) -> None:
     print(f"{engine} could not run {info.path}: {info.errors[engine]}", file=sys.stderr)
 
 
-def linear_summary(model) -> str:
-    """How lutlm runs the model's linears, e.g. "225 of 225 linears on the kernels (lut x 210, dot x 15)"."""
-    from torch import nn
-
-    from lutlm.linear import PackedLinear
-
-    kernels, floats = Counter(), 0
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            kernels[module.kernel] += 1
-        elif isinstance(module, nn.Linear):
-            floats += 1
-    total = sum(kernels.values()) + floats
-    detail = ", ".join(f"{k} x {n}" for k, n in kernels.most_common())
-    return f"{sum(kernels.values())} of {total} linears on the kernels" + (f" ({detail})" if detail else "")
-
-
 def shapes(config) -> dict:
     return {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "num_key_value_heads", "vocab_size",
@@ -350,6 +333,7 @@ def shapes(config) -> dict:
 def time_file(info: GGUFInfo, args, use_peer: bool, context: int) -> list[dict]:
     """Both engines on the file, timed by e2e.time_variants; rows as time_variants' with the file's
     label, type and weight bytes per token."""
+    from lutlm.linear import linear_summary
     from lutlm.loader import load_model
 
     head = f"{info.head_type} ({info.head_tensor})"
@@ -358,7 +342,7 @@ def time_file(info: GGUFInfo, args, use_peer: bool, context: int) -> list[dict]:
         try:
             model, _, checkpoint = load_model(info.path, backend=args.backend)
             info.config = shapes(checkpoint.config)
-            info.lutlm_linears = linear_summary(model)
+            info.lutlm_linears = linear_summary(model, checkpoint.tensor_types)
             del checkpoint
             variants.append(e2e.Variant("lutlm", info.label, info.bits_per_weight, head,
                                         e2e.LutlmRunner(model, context)))
