@@ -13,8 +13,16 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence, then name 
 
 
 def set_threads(n: int | None) -> None:
-    if not n:
+    """`-t N`: at most the cores this process may use (more threads than cores only wait on each
+    other; a thousand would each hold a stack and spin), said in one line when capped."""
+    if n is None:
         return
+    if n < 1:
+        raise ValueError(f"-t/--threads must be at least 1, got {n}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > cores:
+        print(f"lutlm: -t {n} is more than the {cores} cores this process may use; using {cores}", file=sys.stderr)
+        n = cores
     import torch
 
     torch.set_num_threads(n)

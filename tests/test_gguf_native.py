@@ -205,3 +205,18 @@ def test_layout_cache_is_written_then_mapped(tmp_path, monkeypatch):
     os.utime(path, ns=(1, 1))  # another modification time: another key, another file
     checkpoint_model(load_checkpoint(str(path)), layout_cache=str(cache))
     assert len(list(cache.glob("tiny-Q4_K-*.lutlm-layout"))) == 2
+
+
+def test_thread_counts_are_capped_at_the_cores(capsys):
+    from lutlm.cli import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1000)
+        cores = len(os.sched_getaffinity(0))
+        assert cpu.get_num_threads() == cores and torch.get_num_threads() == cores
+        assert f"-t 1000 is more than the {cores} cores" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="at least 1"):
+            set_threads(0)
+    finally:
+        set_threads(before)
