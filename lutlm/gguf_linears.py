@@ -4,9 +4,10 @@ Every block type that holds codes with a scale and an offset per group (Q4_0 ...
 K-quants, the ternary TQ1_0/TQ2_0) maps onto the packed form w = s * (q - z) without
 changing a weight (lutlm.formats.gguf_packed.ggml_groups; the native decoder in
 lutlm.kernels.ggml_native produces the same bytes). Each tensor is decoded and laid out for
-its kernel one at a time, from the memory-mapped file, so a load holds at most one tensor's
-codes beside the finished layouts. The output head (the token embedding, where tied) runs
-on the kernels in its own type too; the embedding stays float.
+its kernel a chunk of rows at a time, from the memory-mapped file whose pages are dropped once
+read, so a load holds one chunk's codes beside the finished layouts. The output head (the
+token embedding, where tied) runs on the kernels in its own type too; on the CPU the
+embedding stays in its blocks (gguf_embedding, lutlm.embedding).
 
 Which CPU kernel runs a tensor (table lookup or int8 dot products) is chosen per bit-width
 and group size on the machine at hand (lutlm.kernels.choice). A tensor whose type no kernel
