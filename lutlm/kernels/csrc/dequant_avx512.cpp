@@ -216,18 +216,36 @@ void tile_tokens(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
                 for (int m = 0; m < 8; m++) acc[n][m >> 2] = _mm512_dpbusd_epi32(acc[n][m >> 2], c[m], bcast4(xs + 4 * m));
             }
         }
-        for (int h = 0; h < (G16 ? 2 : 1); h++) {
-            const int64_t gi = G16 ? 2 * qb + h : group;
-            const uint16_t *sc = scales + gi * 2 * LUTLM_TILE_ROWS;
+        if (G16) {
+            /* Both groups in one pass over the tokens: one load and store of out each, the
+             * two scales applied to the integer sums before dx (fewer float ops per token). */
+            const uint16_t *sc = scales + 2 * qb * 2 * LUTLM_TILE_ROWS;
+            const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * LUTLM_TILE_ROWS)));
+            const __m512 sz0 = _mm512_mul_ps(s0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
+            const __m512 sz1 =
+                _mm512_mul_ps(s1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 3 * LUTLM_TILE_ROWS))));
+            for (int n = 0; n < NT; n++) {
+                const float *dn = (const float *)((const uint8_t *)dx + n * stride);
+                const float *xn = (const float *)((const uint8_t *)xsum + n * stride);
+                __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[n][0]), s0);
+                t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[n][1]), s1, t);
+                __m512 o = _mm512_fmadd_ps(t, _mm512_set1_ps(dn[qb]), _mm512_loadu_ps(out + 16 * n));
+                o = _mm512_fnmadd_ps(sz0, _mm512_set1_ps(xn[2 * qb]), o);
+                o = _mm512_fnmadd_ps(sz1, _mm512_set1_ps(xn[2 * qb + 1]), o);
+                _mm512_storeu_ps(out + 16 * n, o);
+            }
+        } else {
+            const uint16_t *sc = scales + group * 2 * LUTLM_TILE_ROWS;
             const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
             const __m512 sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
             for (int n = 0; n < NT; n++) {
                 const float *dn = (const float *)((const uint8_t *)dx + n * stride);
                 const float *xn = (const float *)((const uint8_t *)xsum + n * stride);
-                const __m512i sum = G16 ? acc[n][h] : _mm512_add_epi32(acc[n][0], acc[n][1]);
+                const __m512i sum = _mm512_add_epi32(acc[n][0], acc[n][1]);
                 __m512 o = _mm512_loadu_ps(out + 16 * n);
                 o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(dn[qb])), o);
-                o = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xn[G16 ? 2 * qb + h : qb]), o);
+                o = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xn[qb]), o);
                 _mm512_storeu_ps(out + 16 * n, o);
             }
         }
