@@ -11,10 +11,10 @@ deletes them.
 File layout (little-endian):
     0   8 bytes  magic b"LUTLMLAY"
     8   u64      JSON header length L
-    16  L bytes  JSON: {"version", "key", "linears": {module: {kernel, bits, group_size, ternary,
+    16  L bytes  JSON: {"version", "key", "linears": {module: {bits, group_size, ternary, kind,
                  n, k, k_padded, group, q_block, codes: [offset, shape], scales: [offset, shape]}}}
-    then the blobs, each at a 64-byte-aligned offset from the start of the file: the layout's
-    uint8 codes and fp16 scales exactly as lutlm.kernels.cpu holds them.
+    then the blobs from the next 64-byte boundary on, each at its 64-byte-aligned offset from
+    there: the layout's uint8 codes and fp16 scales exactly as lutlm.kernels.cpu holds them.
 
 A load maps the file copy-on-write (the kernels never write their weights, so its pages stay
 shared with the page cache) and wraps the blobs as tensors, with no copy.
@@ -54,13 +54,18 @@ def cache_path(folder: str, gguf_path: str, key: str) -> str:
     return os.path.join(folder, f"{stem}-{key}.lutlm-layout")
 
 
+def _data_start(header_length: int) -> int:
+    """Where the blobs start: after magic, length and header, at the next 64-byte boundary."""
+    return -(-(16 + header_length) // ALIGN) * ALIGN
+
+
 def write(path: str, key: str, handles: dict) -> None:
     """Write module -> LutWeight (+ its PackedLinear's bits, group size, ternary) to `path`, through
     a temporary file renamed into place: a reader sees a whole file or none."""
     entries, blobs, offset = {}, [], 0
     for module, (handle, bits, group_size, ternary) in handles.items():
         c = handle.c
-        entry = {"kernel": handle.kernel, "bits": bits, "group_size": group_size, "ternary": ternary,
+        entry = {"bits": bits, "group_size": group_size, "ternary": ternary,
                  "n": c.n, "k": c.k, "k_padded": c.k_padded, "group": c.group_size, "q_block": c.q_block,
                  "kind": c.kind}
         for name, t in (("codes", handle.codes), ("scales", handle.scales)):
@@ -70,7 +75,7 @@ def write(path: str, key: str, handles: dict) -> None:
             offset += t.numel() * t.element_size()
         entries[module] = entry
     header = json.dumps({"version": VERSION, "key": key, "linears": entries}).encode()
-    start = -(-(16 + len(header)) // ALIGN) * ALIGN
+    start = _data_start(len(header))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -101,7 +106,7 @@ def read(path: str, key: str) -> dict | None:
         if meta.get("version") != VERSION or meta.get("key") != key:
             return None
         data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, shared pages
-        start = -(-(16 + length) // ALIGN) * ALIGN
+        start = _data_start(length)
         handles = {}
         for module, e in meta["linears"].items():
             views = {}
@@ -112,10 +117,8 @@ def read(path: str, key: str) -> dict | None:
                     return None
                 blob = torch.from_numpy(data[start + offset:start + offset + size])
                 views[name] = blob.view(dtype).view(shape)
-            c = cpu._Weight(views["codes"].data_ptr(), views["scales"].data_ptr(), e["n"], e["k"], e["k_padded"],
-                            e["bits"], e["group"], e["q_block"], e["kind"])
-            handle = cpu.LutWeight(views["codes"], views["scales"], c, e["k"], e["n"], e["bits"], e["q_block"],
-                                   e["kind"] == 1, kernel=e["kernel"])
+            handle = cpu.laid_out(views["codes"], views["scales"], e["n"], e["k"], e["k_padded"], e["bits"],
+                                  e["group"], e["q_block"], e["kind"])
             handles[module] = (handle, e["bits"], e["group_size"], e["ternary"])
         return handles
     except (OSError, ValueError, KeyError, TypeError):

@@ -52,3 +52,15 @@ def open_llama_cpp(path: str):
 def llama_cpp_model(bundled_path):
     """llama.cpp on the bundled GGUF."""
     return open_llama_cpp(bundled_path)
+
+
+def restore_cpu_kernel_defaults() -> None:
+    """The CPU kernels' settings as the library starts: tests that move them call this after."""
+    import torch
+
+    from lutlm.kernels import cpu
+
+    cpu.set_isa(cpu.best_isa())
+    cpu.set_num_threads(torch.get_num_threads())
+    cpu.set_parallel_threshold(8e6)
+    cpu.set_dot_gemm_min_tokens(4)

@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from conftest import restore_cpu_kernel_defaults
 
 from lutlm.formats.packed import SUPPORTED_BITS, PackedWeight, check_config, pack_planes
 from lutlm.kernels import cpu, cpu_dequant, cpu_layout, reference
@@ -57,9 +58,7 @@ BATCHES = (1, 2, 5, 70)
 @pytest.fixture(autouse=True)
 def restore_kernel_settings():
     yield
-    cpu.set_isa(cpu.best_isa())
-    cpu.set_num_threads(torch.get_num_threads())
-    cpu.set_parallel_threshold(8e6)
+    restore_cpu_kernel_defaults()
 
 
 @lru_cache(maxsize=None)

@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from conftest import restore_cpu_kernel_defaults
 
 from lutlm.formats.packed import PackedWeight
 from lutlm.kernels import cpu, cpu_dequant, reference
@@ -67,13 +68,7 @@ SHAPES = [
 @pytest.fixture(autouse=True)
 def restore_kernel_settings():
     yield
-    cpu.set_isa(cpu.best_isa())
-    cpu.set_num_threads(torch.get_num_threads())
-    cpu.set_parallel_threshold(8e6)
-    cpu.set_dot_gemm_min_tokens(DOT_GEMM_MIN_TOKENS)
-
-
-DOT_GEMM_MIN_TOKENS = 4  # the library's default
+    restore_cpu_kernel_defaults()
 
 
 @lru_cache(maxsize=None)  # quantized once, shared by the tests' many modes and instruction sets

@@ -285,10 +285,16 @@ def prepare_code_rows(n: int, k: int, bits: int, group_size: int, row_chunks, ke
         row += rows
     if row != n:
         raise ValueError(f"row chunks gave {row} of the weight's {n} rows")
-    kind = _DOT if kernel == "dot" else _PLANES
-    c = _Weight(out_codes.data_ptr(), out_scales.data_ptr(), n, k, shape.k_padded, bits, shape.group_size,
-                shape.q_block, kind)
-    return LutWeight(out_codes, out_scales, c, k, n, bits, shape.q_block, False, kernel=kernel)
+    return laid_out(out_codes, out_scales, n, k, shape.k_padded, bits, shape.group_size, shape.q_block,
+                    _DOT if kernel == "dot" else _PLANES)
+
+
+def laid_out(codes: torch.Tensor, scales: torch.Tensor, n: int, k: int, k_padded: int, bits: int, group_size: int,
+             q_block: int, kind: int) -> LutWeight:
+    """The handle of a weight already in a kernel layout (`kind`: the lutlm_kind of lutlm.h),
+    whose tensors it keeps alive: one made here, or one mapped from a layout cache."""
+    c = _Weight(codes.data_ptr(), scales.data_ptr(), n, k, k_padded, bits, group_size, q_block, kind)
+    return LutWeight(codes, scales, c, k, n, bits, q_block, kind == _TERNARY, kernel="dot" if kind == _DOT else "lut")
 
 
 def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
