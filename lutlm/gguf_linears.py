@@ -9,7 +9,10 @@ read, so a load holds one chunk's codes beside the finished layouts. The output 
 token embedding, where tied) runs on the kernels in its own type too; on the CPU the
 embedding stays in its blocks (gguf_embedding, lutlm.embedding).
 
-Which CPU kernel runs a tensor (table lookup or int8 dot products) is chosen per bit-width
+On the CPU the K-quants (Q2_K ... Q6_K) keep their own two-level scales (fp16 d and dmin per
+256 weights, integer sub-scales per group: lutlm.formats.gguf_packed.SuperCodes) on the dot
+kernels, which then read about the file's bytes instead of an fp16 scale and zero per group.
+Which CPU kernel runs another tensor (table lookup or int8 dot products) is chosen per bit-width
 and group size on the machine at hand (lutlm.kernels.choice). A tensor whose type no kernel
 takes (F32, F16, BF16) stays float; `plan_linears` says which, and what it costs, before any
 weight is read.
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from lutlm.formats import Checkpoint
 from lutlm.formats.gguf import open_gguf, unpermute_rotary
-from lutlm.formats.gguf_packed import GROUP_TYPES
+from lutlm.formats.gguf_packed import GROUP_TYPES, SUPER_TYPES, SUPER_WEIGHTS
 from lutlm.formats.llama_layout import LAYER_TENSORS
 
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
@@ -127,13 +130,16 @@ def gguf_linears(checkpoint: Checkpoint, backend: str, plans: list[LinearPlan] |
 
         for p in plans:
             bits, group_size = GROUP_TYPES[p.source_type]
-            kernels[p.module] = choice.cpu_kernel(bits, group_size, p.shape[1], p.source_type in TERNARY_TYPES)
+            # The K-quants keep their two-level scales on the dot kernels: fewer bytes to read
+            # than either family with an fp16 scale and zero per group.
+            kernels[p.module] = "dot" if _super_layout(p, backend) else choice.cpu_kernel(
+                bits, group_size, p.shape[1], p.source_type in TERNARY_TYPES)
     cached, cache_file = None, None
     if layout_cache and backend == "cpu":
         from lutlm import layout_cache as lc
 
-        key = lc.cache_key(checkpoint.source, [(p.module, kernels[p.module], *GROUP_TYPES[p.source_type])
-                                                for p in plans])
+        key = lc.cache_key(checkpoint.source, [(p.module, kernels[p.module], *GROUP_TYPES[p.source_type],
+                                                 _super_layout(p, backend) or "f16") for p in plans])
         cache_file = lc.cache_path(layout_cache, checkpoint.source, key)
         cached = lc.read(cache_file, key)
         if cached is not None and set(cached) != {p.module for p in plans}:
@@ -149,6 +155,10 @@ def gguf_linears(checkpoint: Checkpoint, backend: str, plans: list[LinearPlan] |
                      leave=False):
         bits, group_size = GROUP_TYPES[plan.source_type]
         ternary = plan.source_type in TERNARY_TYPES
+        if _super_layout(plan, backend):
+            handle = _super_dot_linear(checkpoint, gguf_file, tensors[plan.tensor], plan)
+            linears[plan.module] = PackedLinear(None, backend, handle=handle, bits=bits, group_size=group_size)
+            continue
         chunks = _code_chunks(checkpoint, gguf_file, tensors[plan.tensor], plan)
         if backend == "cpu":
             from lutlm.kernels import cpu
@@ -173,6 +183,30 @@ def gguf_linears(checkpoint: Checkpoint, backend: str, plans: list[LinearPlan] |
         except OSError as e:  # the model is loaded: a cache that cannot be written only costs the next load
             print(f"lutlm: could not keep the layout in {layout_cache}: {e.strerror or e}", file=sys.stderr)
     return linears
+
+
+def _super_layout(plan: LinearPlan, backend: str) -> str | None:
+    """The two-level scale layout a K-quant linear keeps on the CPU kernels, else None."""
+    if backend != "cpu" or plan.source_type not in SUPER_TYPES or plan.shape[1] % SUPER_WEIGHTS:
+        return None
+    return SUPER_TYPES[plan.source_type][0]
+
+
+def _super_dot_linear(checkpoint: Checkpoint, gguf_file, tensor, plan: LinearPlan):
+    """A K-quant tensor straight from its blocks into the dot kernels' layout with its own
+    two-level scales (native, a tile at a time: no tensor of codes), q/k rows in Hugging Face's
+    rotary order; the file's pages are dropped once read."""
+    from lutlm.kernels.ggml_native import super_dot_layout
+
+    n, _ = plan.shape
+    raw = np.asarray(tensor.data).reshape(n, -1)
+    heads = _rotary_heads(checkpoint, plan.module)
+    row_of = None
+    if heads:
+        row_of = unpermute_rotary(torch.arange(n).unsqueeze(1), heads).squeeze(1).numpy()
+    handle = super_dot_layout(raw, plan.source_type, plan.shape, row_of)
+    gguf_file.release_range(tensor.data_offset, raw.nbytes)
+    return handle
 
 
 CHUNK_ROWS = 2048  # rows decoded and laid out at a time: 8 MiB of codes at K = 4096

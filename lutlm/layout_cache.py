@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 MAGIC = b"LUTLMLAY"
-VERSION = 1
+VERSION = 2
 ALIGN = 64
 HEADER_PROBE = 1 << 20
 
@@ -67,7 +67,7 @@ def write(path: str, key: str, handles: dict) -> None:
         c = handle.c
         entry = {"bits": bits, "group_size": group_size, "ternary": ternary,
                  "n": c.n, "k": c.k, "k_padded": c.k_padded, "group": c.group_size, "q_block": c.q_block,
-                 "kind": c.kind}
+                 "kind": c.kind, "scale_layout": handle.scale_layout}
         for name, t in (("codes", handle.codes), ("scales", handle.scales)):
             offset = -(-offset // ALIGN) * ALIGN
             entry[name] = [offset, list(t.shape)]
@@ -110,7 +110,9 @@ def read(path: str, key: str) -> dict | None:
         handles = {}
         for module, e in meta["linears"].items():
             views = {}
-            for name, dtype in (("codes", torch.uint8), ("scales", torch.float16)):
+            scale_layout = e.get("scale_layout", "f16")
+            scale_dtype = torch.float16 if scale_layout == "f16" else torch.uint8  # two-level scales: bytes
+            for name, dtype in (("codes", torch.uint8), ("scales", scale_dtype)):
                 offset, shape = e[name]
                 size = int(np.prod(shape)) * (2 if dtype == torch.float16 else 1)
                 if start + offset + size > data.size:
@@ -118,7 +120,7 @@ def read(path: str, key: str) -> dict | None:
                 blob = torch.from_numpy(data[start + offset:start + offset + size])
                 views[name] = blob.view(dtype).view(shape)
             handle = cpu.laid_out(views["codes"], views["scales"], e["n"], e["k"], e["k_padded"], e["bits"],
-                                  e["group"], e["q_block"], e["kind"])
+                                  e["group"], e["q_block"], e["kind"], scale_layout)
             handles[module] = (handle, e["bits"], e["group_size"], e["ternary"])
         return handles
     except (OSError, ValueError, KeyError, TypeError):

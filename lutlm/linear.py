@@ -97,7 +97,9 @@ def linear_summary(model: nn.Module, tensor_types: dict[str, str]) -> str:
             source = tensor_types.get("model.embed_tokens.weight")
         if isinstance(module, PackedLinear):
             kind = "ternary" if module.ternary else f"{module.bits}-bit"
-            kinds[f"{source or 'packed'} -> {module.kernel} {kind} g{module.group_size}"] += 1
+            two_level = getattr(module.handle, "scale_layout", "f16") != "f16"  # the K-quants' own scales
+            kinds[f"{source or 'packed'} -> {module.kernel} {kind} g{module.group_size}"
+                  f"{' k-scales' if two_level else ''}"] += 1
         else:
             floats[source or "float"] += 1
             float_bytes += module.weight.numel() * module.weight.element_size()

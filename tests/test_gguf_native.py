@@ -23,6 +23,7 @@ from tiny_gguf import write_tiny_gguf
 from lutlm.embedding import BlockEmbedding
 from lutlm.fast_decode import FastDecoder, fast_decoder_for
 from lutlm.formats import load_checkpoint
+from lutlm.formats.gguf_packed import SUPER_TYPES
 from lutlm.kernels import cpu
 from lutlm.linear import PackedLinear, linear_summary
 from lutlm.loader import checkpoint_model, load_model
@@ -52,6 +53,9 @@ def test_every_linear_runs_on_the_kernels(models):
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert linear_summary(model, checkpoint.tensor_types).endswith("0 float linears")
     assert f"{7 * LAYERS + 1} x {kind} -> " in linear_summary(model, checkpoint.tensor_types)
+    if kind in SUPER_TYPES:  # the K-quants keep their own two-level scales, on the dot kernels
+        assert all(m.handle.scale_layout == SUPER_TYPES[kind][0] and m.kernel == "dot" for m in packed)
+        assert "k-scales" in linear_summary(model, checkpoint.tensor_types)
     assert fast_decoder_for(model) is not None
 
 
@@ -197,6 +201,7 @@ def test_layout_cache_is_written_then_mapped(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(ggml_native, "ggml_groups_native", no_decoding)
+        m.setattr(ggml_native, "super_dot_layout", no_decoding)
         mapped = checkpoint_model(load_checkpoint(str(path)), layout_cache=str(cache))
         assert torch.equal(logits(mapped), first)
     files[0].write_bytes(files[0].read_bytes()[:100])  # damaged: laid out anew, and rewritten

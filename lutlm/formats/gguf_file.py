@@ -11,13 +11,12 @@ and 3, in the file's byte order:
 
     string: u64 byte length, UTF-8 bytes.  array: u32 element type, u64 count, the elements.
 
-gguf-py's GGUFReader builds a few numpy arrays per metadata value: ~1 s for a 49k-token
-vocabulary and its merges. Here arrays of numbers are one numpy view of the map and arrays of
-strings one Python loop of slices (~15 ms per 50k strings), so opening a file costs
-milliseconds whatever its size. And nothing is believed before it is checked: every length and
-count against the bytes the file has left (so an edited length of 2^40 is refused, not
-allocated or looped over), every tensor's range against the file, its alignment and the other
-tensors. Every problem is a ValueError with a one-line message that names the file.
+gguf-py's GGUFReader builds a few numpy arrays per metadata value, slow for a large vocabulary
+and its merges. Here arrays of numbers are one numpy view of the map and arrays of strings one
+Python loop of slices (docs/kernels.md), so opening a file costs milliseconds whatever its size.
+And nothing is believed before it is checked: every length and count against the bytes the
+file has left (so an edited length of 2^40 is refused, not allocated or looped over), every
+tensor's range against the file, its alignment and the other tensors. Every problem is a ValueError with a one-line message that names the file.
 """
 
 from __future__ import annotations

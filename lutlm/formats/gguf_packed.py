@@ -48,6 +48,10 @@ the same bytes (A q - B in float32, in ggml's order):
   * A step or value that does not fit fp16 at all (|A| >= 65520: d > 500 with a large
     sub-scale, or inf/NaN fields) is refused (ValueError).
 
+The K-quants also have an exact form with their own two-level scales, `ggml_super` (SuperCodes:
+fp16 d and dmin per 256 weights, int8 sub-scales and mins per group, w = (d sc) q - dmin m as
+ggml forms it, bit-exact), which the CPU's dot kernels keep as it is (fewer bytes to read).
+
 So a GGUF of any of these types (Q4_K_M's Q4_K and Q6_K layers, Q2_K's, TQ2_0 ternary
 models) runs on lutlm's kernels with the weights llama.cpp runs, not requantized ones.
 TQ2_0 blocks are ternary only if no field holds 3 (which reads as +2 and no quantizer
@@ -231,6 +235,86 @@ def ggml_groups(raw: np.ndarray, kind: str | int, shape: tuple[int, int]) -> Gro
     ternary = lay.ternary and (kind != "TQ2_0" or not (codes == 3).any())
     return GroupedCodes(codes.reshape(n, k), scales.reshape(n, k // lay.group_size),
                         zeros.reshape(n, k // lay.group_size), lay.bits, lay.group_size, ternary)
+
+
+# The K-quants' two-level scales as the kernels can keep them (lutlm/kernels/csrc/lutlm.h,
+# "Super-block scales"): kind -> (scale layout, fixed zero of the symmetric types or None).
+SUPER_TYPES: dict[str, tuple[str, float | None]] = {
+    "Q2_K": ("nibble", None), "Q3_K": ("symmetric", 4.0), "Q4_K": ("super", None), "Q5_K": ("super", None),
+    "Q6_K": ("symmetric", 32.0),
+}
+SUPER_WEIGHTS = 256  # weights per K-quant block: one d and dmin each
+
+
+@dataclasses.dataclass
+class SuperCodes:
+    """One K-quant tensor with its own two-level scales: per group g of super-block b,
+    w = (d[b] * sc[g]) * q - dmin[b] * m[g], exactly the float32 products ggml's dequantizer
+    forms. The symmetric types (Q3_K, Q6_K) have no m: w = (d * sc) * (q - zero), and the
+    kernels take s z = dmin * sc with dmin = d * zero (exact: zero is a power of two)."""
+
+    codes: np.ndarray        # uint8 [N, K]
+    d: np.ndarray            # float16 [N, K // 256]
+    dmin: np.ndarray         # float16 [N, K // 256]
+    sc: np.ndarray           # int8 [N, K // group_size]
+    m: np.ndarray | None     # int8 [N, K // group_size], None for the symmetric types
+    bits: int
+    group_size: int
+    scale_layout: str        # "super", "symmetric" or "nibble" (SUPER_TYPES)
+    zero: float | None = None
+
+    @property
+    def super_groups(self) -> int:
+        return SUPER_WEIGHTS // self.group_size
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights [N, K], in ggml's order of operations."""
+        n, k = self.codes.shape
+        per = self.super_groups
+        step = self.d.astype(np.float32).repeat(per, axis=1) * self.sc.astype(np.float32)
+        q = self.codes.astype(np.float32).reshape(n, k // self.group_size, self.group_size)
+        if self.m is None:
+            return (step[:, :, None] * (q - np.float32(self.zero))).reshape(n, k)
+        offset = self.dmin.astype(np.float32).repeat(per, axis=1) * self.m.astype(np.float32)
+        return (step[:, :, None] * q - offset[:, :, None]).reshape(n, k)
+
+
+def _super_fields(kind: str, b: np.ndarray):
+    """Blocks [n, bytes] -> (d, dmin as float16 [n], sc, m as int8 [n, groups]; m None where symmetric)."""
+    def half(offset):
+        return np.ascontiguousarray(b[:, offset:offset + 2]).view(np.float16)[:, 0]
+
+    if kind == "Q2_K":
+        return half(80), half(82), (b[:, 0:16] & 0x0F).astype(np.int8), (b[:, 0:16] >> 4).astype(np.int8)
+    if kind in ("Q4_K", "Q5_K"):
+        sc, m = k_scale_min(b[:, 4:16])
+        return half(0), half(2), sc.astype(np.int8), m.astype(np.int8)
+    if kind == "Q3_K":
+        d = half(108)
+        return d, _fp16(d.astype(np.float32) * 4), q3_k_scales(b[:, 96:108]).astype(np.int8) - np.int8(32), None
+    d = half(208)  # Q6_K
+    return d, _fp16(d.astype(np.float32) * 32), b[:, 192:208].view(np.int8).copy(), None
+
+
+def ggml_super(raw: np.ndarray, kind: str | int, shape: tuple[int, int]) -> SuperCodes:
+    """One [N, K] K-quant tensor's raw blocks -> its codes and own two-level scales, numpy (the
+    reference of lutlm.kernels.ggml_native.ggml_super_native). Codes are ggml_groups' codes
+    with no group flattened."""
+    kind = type_name(kind)
+    if kind not in SUPER_TYPES:
+        raise ValueError(f"ggml type {kind} has no two-level scales: those are {', '.join(SUPER_TYPES)}")
+    raw, n, k = _check_size(raw, kind, shape)
+    lay = LAYOUTS[kind]
+    size = BLOCK_TYPES[kind][1]
+    blocks = raw.reshape(-1, size)
+    codes = lay.decode(blocks)[0].reshape(n, k)
+    d, dmin, sc, m = _super_fields(kind, blocks)
+    if not np.isfinite(dmin.astype(np.float32)).all():
+        raise ValueError(f"a {kind} block's d times its zero does not fit fp16")
+    layout, zero = SUPER_TYPES[kind]
+    groups = k // lay.group_size
+    return SuperCodes(codes, d.reshape(n, -1), dmin.reshape(n, -1), sc.reshape(n, groups),
+                      None if m is None else m.reshape(n, groups), lay.bits, lay.group_size, layout, zero)
 
 
 def pack_ggml(raw: np.ndarray, kind: str, shape: tuple[int, int]) -> PackedWeight:

@@ -6,10 +6,8 @@ weight into the kernels' layout once; `matmul` picks GEMV or GEMM by the batch s
 the library. Instruction set (AVX-512 VBMI+VNNI, AVX2, portable C) is chosen at run time.
 
 Table modes of `matmul`:
-    "int8"   int8 tables with one scale per table block (the fast path). On SmolLM2's real
-             layer inputs (4-bit g64, a 512-token prompt) the output error is 0.84% (median
-             over the 211 products, relative L2), against 0.98% for int8 activations per
-             q-block as llama.cpp rounds them (the dequantize baseline, cpu_dequant).
+    "int8"   int8 tables with one scale per table block (the fast path; its error against
+             int8 activations per q-block: docs/kernels.md).
              Exception: 4-bit products of several tokens (set_dot_gemm_min_tokens) on an
              AVX-512 CPU with GFNI run as a dot product of int8 activations and the codes,
              recovered from the bit-planes in registers (csrc/dot_gemm_avx512.cpp): there a
@@ -19,10 +17,8 @@ Table modes of `matmul`:
     "float"  float tables, exact up to fp32 rounding (portable C; for tests): greedy
              decoding then gives the reference path's tokens.
     "fast"   int8 tables, pairs of lookups merged by averaging adds (fast aggregation),
-             where a vpavgb replaces one of two widening adds. Error about 1.55x that of
-             "int8" (1.9x for the ternary table). On AVX-512 VNNI it gains nothing
-             (vpdpbusd widens as cheaply as vpavgb averages); with AVX2, about 3% at 4096x11008
-             (its int16 sums are widened once per q-block either way).
+             where a vpavgb replaces one of two widening adds: a larger error for little
+             speed (docs/kernels.md).
 
 Kernel families (`prepare(..., kernel=...)`):
     "lut"    table lookup (above): 1 to 4 bits, groups that are multiples of 32 or whole rows.
@@ -30,7 +26,8 @@ Kernel families (`prepare(..., kernel=...)`):
              with its own DOT layout): 1 to 8 bits, also groups of 16, on AVX-512 VNNI, AVX2
              and portable C. Modes "int8" and "fast" both round the activations to int8 per
              q-block (the dequantize baseline's error bound); "float" is exact up to fp32
-             rounding. `prepare_codes` lays it out from one code per byte, in native code.
+             rounding. `prepare_codes` lays it out from one code per byte, in native code;
+             `prepare_super_rows` a K-quant with its own two-level scales (csrc/lutlm.h).
 """
 
 from __future__ import annotations
@@ -46,9 +43,12 @@ from lutlm.kernels.cpu_layout import (STEP, TERNARY_STEP, TILE_ROWS, dot_shape, 
                                       tile_scales)
 
 MODES = {"int8": 0, "float": 1, "fast": 2}
+# lutlm_scale_kind (csrc/lutlm.h): fp16 s and z per group, or the K-quants' two-level scales.
+SCALE_KINDS = {"f16": 0, "super": 1, "symmetric": 2, "nibble": 3}
 ISAS = ("scalar", "avx2", "avx512")
 KERNELS = ("lut", "dot")
 _PLANES, _TERNARY, _DOT = 0, 1, 2
+DOT_KIND = _DOT  # lutlm_kind of the dot kernels' layout (for layouts made elsewhere: ggml_native)
 
 
 class _Weight(ctypes.Structure):
@@ -64,6 +64,8 @@ class _Weight(ctypes.Structure):
         ("group_size", ctypes.c_int32),
         ("q_block", ctypes.c_int32),
         ("kind", ctypes.c_int32),
+        ("scale_kind", ctypes.c_int32),
+        ("super_groups", ctypes.c_int32),
     ]
 
 
@@ -164,18 +166,19 @@ class LutWeight:
     q_block: int
     ternary_tables: bool
     kernel: str = "lut"  # the family: "lut" (table lookup) or "dot" (int8 dot products)
+    scale_layout: str = "f16"  # SCALE_KINDS: "f16", or a K-quant's two-level scales (dot only)
 
     @property
     def nbytes(self) -> int:
         """Bytes the kernel reads per product: codes and scales."""
-        return self.codes.numel() + self.scales.numel() * 2
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def describe_weight(codes: torch.Tensor, scales: torch.Tensor, w: PackedWeight, shape, kind: int) -> _Weight:
     """The C descriptor of a weight whose kernel-layout tensors are `codes` and `scales`."""
     return _Weight(
         codes.data_ptr(), scales.data_ptr(), w.out_features, w.in_features, shape.k_padded, w.bits,
-        shape.group_size, shape.q_block, kind,
+        shape.group_size, shape.q_block, kind, 0, 0,
     )
 
 
@@ -289,12 +292,78 @@ def prepare_code_rows(n: int, k: int, bits: int, group_size: int, row_chunks, ke
                     _DOT if kernel == "dot" else _PLANES)
 
 
+def prepare_super_rows(n: int, k: int, bits: int, group_size: int, scale_layout: str, row_chunks) -> LutWeight:
+    """The dot kernels' layout of an N x K K-quant weight with its own two-level scales
+    (csrc/lutlm.h, "Super-block scales"): `row_chunks` yields (codes uint8 [r, K], d and dmin
+    float16 [r, K // 256], sc int8 [r, G], m int8 [r, G] or None for the symmetric layout), r a
+    multiple of 16 but in the last chunk, as lutlm.formats.gguf_packed.SuperCodes holds them.
+    The kernels read about the file's bytes: Q2_K 2.625 bits per weight, against 4 with an
+    fp16 scale and zero per group of 16."""
+    if scale_layout not in SCALE_KINDS or scale_layout == "f16":
+        raise ValueError(f"unknown two-level scale layout {scale_layout!r}; choose super, symmetric or nibble")
+    if group_size not in (16, 32) or k % 256:
+        raise ValueError(f"two-level scales take groups of 16 or 32 in rows of whole 256-weight blocks, "
+                         f"got group {group_size} and K = {k}")
+    shape = dot_shape(bits, group_size, k)
+    per, n_super, tiles = 256 // group_size, k // 256, -(-n // TILE_ROWS)
+    super_bytes = 64 + 16 * per * (2 if scale_layout == "super" else 1)
+    out_codes = torch.empty(tiles, k // STEP, bits, TILE_ROWS, 4, dtype=torch.uint8)
+    out_scales = torch.empty(tiles, n_super, super_bytes, dtype=torch.uint8)
+    lib = library()
+    row = 0
+    for codes, d, dmin, sc, m in row_chunks:
+        rows = codes.shape[0]
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, k):
+            raise ValueError(f"codes must be a uint8 [rows, {k}] CPU tensor, got {codes.dtype} {tuple(codes.shape)}")
+        if (m is None) != (scale_layout == "symmetric"):
+            raise ValueError(f"the {scale_layout} layout {'needs' if m is None else 'takes no'} m")
+        if row % TILE_ROWS or row + rows > n:
+            raise ValueError(f"row chunks must cover the {n} rows in runs of whole 16-row tiles")
+        t0, t1 = row // TILE_ROWS, -(-(row + rows) // TILE_ROWS)
+        codes = codes.contiguous()
+        if lib.lutlm_pack_dot(codes.data_ptr(), None, None, rows, k, bits, group_size, out_codes[t0:].data_ptr(),
+                              None) == -2:
+            raise ValueError(f"a code is {int(codes.max())}, too large for {bits} bits")
+        out_scales[t0:t1] = _super_scale_tiles(d, dmin, sc, m, scale_layout, t1 - t0)
+        row += rows
+    if row != n:
+        raise ValueError(f"row chunks gave {row} of the weight's {n} rows")
+    return laid_out(out_codes, out_scales, n, k, shape.k_padded, bits, shape.group_size, shape.q_block, _DOT,
+                    scale_layout)
+
+
+def _super_scale_tiles(d, dmin, sc, m, scale_layout: str, tiles: int) -> torch.Tensor:
+    """Rows' two-level scales -> [tiles, super-blocks, super_bytes] uint8 (padded rows 0)."""
+    rows, n_super = d.shape
+    per = sc.shape[1] // n_super
+
+    def by_tile(a: torch.Tensor, width: int) -> torch.Tensor:  # [rows, n_super, width] -> [tiles, n_super, 16 width]
+        padded = torch.zeros(tiles * TILE_ROWS, n_super, width, dtype=a.dtype)
+        padded[:rows] = a.reshape(rows, n_super, width)
+        return padded.view(tiles, TILE_ROWS, n_super, width).permute(0, 2, 3, 1).reshape(tiles, n_super, -1)
+
+    head = torch.stack([torch.as_tensor(d), torch.as_tensor(dmin)], -1)  # [rows, n_super, 2]: d block, dmin block
+    parts = [by_tile(head.view(torch.int16), 2).view(torch.uint8)]
+    sc = torch.as_tensor(sc).view(torch.uint8)
+    if scale_layout == "nibble":
+        parts.append(by_tile((sc & 15) | (torch.as_tensor(m).view(torch.uint8) << 4), per))
+    else:
+        parts.append(by_tile(sc, per))
+        if scale_layout == "super":
+            parts.append(by_tile(torch.as_tensor(m).view(torch.uint8), per))
+    return torch.cat(parts, -1)
+
+
 def laid_out(codes: torch.Tensor, scales: torch.Tensor, n: int, k: int, k_padded: int, bits: int, group_size: int,
-             q_block: int, kind: int) -> LutWeight:
-    """The handle of a weight already in a kernel layout (`kind`: the lutlm_kind of lutlm.h),
-    whose tensors it keeps alive: one made here, or one mapped from a layout cache."""
-    c = _Weight(codes.data_ptr(), scales.data_ptr(), n, k, k_padded, bits, group_size, q_block, kind)
-    return LutWeight(codes, scales, c, k, n, bits, q_block, kind == _TERNARY, kernel="dot" if kind == _DOT else "lut")
+             q_block: int, kind: int, scale_layout: str = "f16") -> LutWeight:
+    """The handle of a weight already in a kernel layout (`kind`: the lutlm_kind of lutlm.h;
+    `scale_layout`: its scales'), whose tensors it keeps alive: one made here, or one mapped
+    from a layout cache."""
+    super_groups = 0 if scale_layout == "f16" else 256 // group_size
+    c = _Weight(codes.data_ptr(), scales.data_ptr(), n, k, k_padded, bits, group_size, q_block, kind,
+                SCALE_KINDS[scale_layout], super_groups)
+    return LutWeight(codes, scales, c, k, n, bits, q_block, kind == _TERNARY, kernel="dot" if kind == _DOT else "lut",
+                     scale_layout=scale_layout)
 
 
 def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:

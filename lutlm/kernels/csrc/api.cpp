@@ -19,8 +19,8 @@ const int kBestIsa = detect_isa();
 const bool kHasDotGemm = kBestIsa == LUTLM_AVX512 && (__builtin_cpu_init(), __builtin_cpu_supports("gfni"));
 int current_isa = kBestIsa;
 /* 4-bit products of at least this many tokens use the dot-product GEMM (dot_gemm_avx512.cpp)
- * where the CPU has it. Measured on Zen 5 at 4096x11008 (1 thread): the lookups win at 1
- * and 2 tokens, the dot product from 4 on. Settable (tests move it). */
+ * where the CPU has it: from 4 tokens on the dot product wins (docs/kernels.md). Settable
+ * (tests move it). */
 int64_t dot_gemm_min_tokens = 4;
 
 const IsaKernels *kernels(int isa) {
@@ -35,6 +35,7 @@ const IsaKernels *kernels(int isa) {
 
 int lutlm_geometry(const lutlm_weight *w, int mode, Geometry *g) {
     if (!w || !w->codes || !w->scales || w->n <= 0 || w->k <= 0 || w->k_padded < w->k) return -1;
+    if (w->scale_kind != LUTLM_SCALES_F16) return -1; /* super-block scales: DOT weights only */
     if (w->q_block <= 0 || w->group_size <= 0 || w->group_size % w->q_block || w->k_padded % w->group_size) return -1;
     const bool ternary = w->kind == LUTLM_TERNARY;
     if (ternary ? w->bits != 2 || w->q_block != LUTLM_TERNARY_STEP

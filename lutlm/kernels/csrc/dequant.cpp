@@ -9,8 +9,8 @@
  * Activations are quantized to int8 per q-block (like llama.cpp's Q8 blocks), and the block's
  * sum that the zero point multiplies is the sum of the *rounded* activations (as llama.cpp's
  * Q8_1 keeps it): the product is then exactly sum_k (q_k - z) xq_k dx, whose rounding errors
- * are weighted by q - z (centred) instead of q (all positive, adding up: 3x the output error
- * on SmolLM2's layers, +4% perplexity). Weight codes are unpacked to unsigned bytes and
+ * are weighted by q - z (centred) instead of q (all positive, adding up: docs/kernels.md).
+ * Weight codes are unpacked to unsigned bytes and
  * multiplied with the int8 activations, broadcast four at a time, 16 rows per tile with one
  * row per 32-bit lane (no horizontal sums). Groups of 16 keep one activation scale per 32
  * inputs; their integer sums and activation sums are kept per 16 inputs, so that each group
@@ -54,6 +54,19 @@ int lutlm_dot_geometry(const lutlm_weight *w, int mode, Geometry *g) {
             : w->q_block <= 0 || w->q_block % LUTLM_STEP || w->q_block > LUTLM_MAX_QBLOCK || w->group_size <= 0 ||
                   w->group_size % w->q_block || w->k_padded % w->group_size)
         return -1;
+    if (w->scale_kind != LUTLM_SCALES_F16) {
+        /* super-block scales: a DOT weight in groups of 16 or 32 (one or two per q-block) */
+        if (w->kind != LUTLM_DOT || w->scale_kind < LUTLM_SCALES_SUPER || w->scale_kind > LUTLM_SCALES_SUPER_NIBBLE ||
+            (w->group_size != 16 && w->group_size != 32) || w->q_block != LUTLM_STEP || w->super_groups <= 0 ||
+            (w->super_groups & (w->super_groups - 1)) || w->k_padded % ((int64_t)w->group_size * w->super_groups))
+            return -1;
+        g->super_shift = __builtin_ctz((unsigned)w->super_groups);
+        g->n_super = w->k_padded / ((int64_t)w->group_size * w->super_groups);
+        g->super_bytes = 64 + 16 * (int64_t)w->super_groups * (w->scale_kind == LUTLM_SCALES_SUPER ? 2 : 1);
+    } else {
+        g->n_super = g->super_bytes = 0;
+        g->super_shift = 0;
+    }
     g->w = w;
     g->mode = mode;
     g->tiles = (w->n + LUTLM_TILE_ROWS - 1) / LUTLM_TILE_ROWS;

@@ -189,8 +189,90 @@ inline __m256 epilogue_g16(const uint16_t *tile_scales, const uint8_t *act, cons
     return _mm256_fmadd_ps(s, u, out);
 }
 
+/* The integer row sums of one K-step (codes at wp, activations xs) into sum[ih][h]: ih the
+ * half of the step (0 for both unless G16), h the half of the tile. */
+template <int BITS, bool G16>
+inline void step_sums(const uint8_t *wp, const int8_t *xs, __m256i sum[2][2]) {
+    __m256i lo[2][2], hi[2][2];
+    for (int ih = 0; ih < 2; ih++)
+        for (int h = 0; h < 2; h++) lo[ih][h] = hi[ih][h] = _mm256_setzero_si256();
+    if (BITS == 8) {
+        bytes_step<G16>(wp, xs, lo, hi);
+    } else {
+        section<(BITS < 4 ? BITS : 4), G16>(wp, xs, lo);
+        if (BITS > 4) section<(BITS > 4 ? BITS - 4 : 1), G16>(wp + 4 * 64, xs, hi);
+    }
+    for (int ih = 0; ih < (G16 ? 2 : 1); ih++)
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_madd_epi16(lo[ih][h], _mm256_set1_epi16(1));
+            if (BITS > 4) v = _mm256_add_epi32(v, _mm256_madd_epi16(hi[ih][h], _mm256_set1_epi16(16)));
+            sum[ih][h] = v;
+        }
+}
+
+/* Rows 8h .. 8h + 7's sc and m of group j of a super-block, as int32 (lutlm.h). */
+inline void super_sc_m(const Geometry *g, const uint8_t *sb, int j, int h, __m256i *sc, __m256i *m) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)(sb + 64 + 16 * j + 8 * h));
+    if (g->w->scale_kind == LUTLM_SCALES_SUPER) {
+        *sc = _mm256_cvtepi8_epi32(b);
+        *m = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 64 + 16 * (g->w->super_groups + j) + 8 * h)));
+    } else if (g->w->scale_kind == LUTLM_SCALES_SUPER_SYM) {
+        *sc = *m = _mm256_cvtepi8_epi32(b);
+    } else {
+        const __m256i v = _mm256_cvtepu8_epi32(b);
+        *sc = _mm256_and_si256(v, _mm256_set1_epi32(15));
+        *m = _mm256_srli_epi32(v, 4);
+    }
+}
+
+/* The GEMV with super-block scales (the method of dequant_avx512.cpp's tile_super): sub-scales
+ * times integer sums in int32, dx per q-block, d and dmin once per super-block. */
+template <int BITS, bool G16>
+void tile_super(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out) {
+    const int8_t *xq = (const int8_t *)(act + g->act.tables);
+    const float *dx = (const float *)(act + g->act.table_scale), *xsum = (const float *)(act + g->act.x_sum);
+    const uint8_t *wp = g->w->codes + (tile * g->n_steps + qb0) * 64 * BITS; /* one K-step per q-block */
+    const int groups_per_qb = G16 ? 2 : 1;
+    const int64_t qb_per_super = (int64_t)g->w->super_groups / groups_per_qb;
+    __m256 out_h[2] = {_mm256_loadu_ps(out), _mm256_loadu_ps(out + 8)};
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
+    for (int64_t qb = qb0; qb < qb1;) {
+        int j0;
+        const uint8_t *sb = lutlm_super_scales(g, tile, groups_per_qb * qb, &j0);
+        const int64_t start = qb - j0 / groups_per_qb;
+        const int64_t end = qb1 < start + qb_per_super ? qb1 : start + qb_per_super;
+        __m256 scaled[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, offsets[2] = {scaled[0], scaled[1]};
+        for (int j = j0; qb < end; qb++, wp += 64 * BITS, j += groups_per_qb) {
+            __m256i sums[2][2];
+            lutlm_prefetch_qblock(wp, 64 * BITS, prefetch);
+            step_sums<BITS, G16>(wp, xq + qb * LUTLM_STEP, sums);
+            const __m256 d = _mm256_set1_ps(dx[qb]);
+            for (int h = 0; h < 2; h++) {
+                __m256i sc, m;
+                super_sc_m(g, sb, j, h, &sc, &m);
+                __m256i t = _mm256_mullo_epi32(sc, sums[0][h]);
+                offsets[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(xsum[groups_per_qb * qb]), offsets[h]);
+                if (G16) {
+                    super_sc_m(g, sb, j + 1, h, &sc, &m);
+                    t = _mm256_add_epi32(t, _mm256_mullo_epi32(sc, sums[1][h]));
+                    offsets[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(xsum[2 * qb + 1]), offsets[h]);
+                }
+                scaled[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), d, scaled[h]);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 16 * h)));
+            const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 32 + 16 * h)));
+            out_h[h] = _mm256_fnmadd_ps(dmin, offsets[h], _mm256_fmadd_ps(dh, scaled[h], out_h[h]));
+        }
+    }
+    _mm256_storeu_ps(out, out_h[0]);
+    _mm256_storeu_ps(out + 8, out_h[1]);
+}
+
 template <int BITS, bool G16>
 void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out) {
+    if (g->w->scale_kind != LUTLM_SCALES_F16) return tile_super<BITS, G16>(g, tile, qb0, qb1, act, out);
     const int8_t *xq = (const int8_t *)(act + g->act.tables);
     const int64_t steps_per_qb = g->steps_per_qblock, qblocks_per_group = g->qblocks_per_group;
     const uint8_t *wp = g->w->codes + (tile * g->n_steps + qb0 * steps_per_qb) * 64 * BITS;

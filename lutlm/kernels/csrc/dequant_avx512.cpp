@@ -3,12 +3,12 @@
  * Weight codes are unpacked to unsigned bytes and multiplied by vpdpbusd, 64 products per
  * instruction, the activations broadcast from memory. This is llama.cpp's Q4_0 x Q8_0
  * method, with 16 rows per register instead of one row (no horizontal sums). At 1..4 bits
- * the GEMV kernel masks codes in place instead of shifting them (one AND each; each mask's
+ * the GEMV kernel masks codes in place instead of shifting them (3 and 4 bits) (one AND each; each mask's
  * products go to their own accumulator and are shifted back exactly once per q-block). At
  * 5..7 bits it puts each code together as a byte (fields shifted and OR-ed: one vpdpbusd per
- * 4 inputs, where masks in place would need one per section and twice the accumulators:
- * 256x4096 with the weights in L2, 5-bit 18.1 -> 12.2 ns per tile and K-step, 7-bit 28.3 ->
- * 15.6), and 8-bit codes are bytes already. Accumulators hold inputs of one half of the
+ * 4 inputs, where masks in place would need one per section and twice the accumulators),
+ * 2-bit codes are shifted down to bytes (no shift back per mask), and 8-bit codes are bytes
+ * already. Accumulators hold inputs of one half of the
  * K-step only (0..15 or 16..31), so that groups of 16 take their two sums apart. The GEMM
  * kernel (tile_batch) unpacks every width to bytes, once for up to 8 tokens.
  */
@@ -130,6 +130,10 @@ inline __m512i section_sum(const __m512i acc[16]) {
  * of the byte accumulators acc[m] (5..8 bits, inputs 4m .. 4m + 3). */
 template <int BITS, int H>
 inline __m512i code_sum(const __m512i acc[16]) {
+    if (BITS == 2) { /* step_products' two accumulators per half */
+        const __m512i lo = _mm512_add_epi32(acc[0], acc[1]), hi = _mm512_add_epi32(acc[2], acc[3]);
+        return H == 0 ? lo : H == 1 ? hi : _mm512_add_epi32(lo, hi);
+    }
     if (BITS <= 4) return section_sum<(BITS < 4 ? BITS : 4), H>(acc);
     __m512i sum = _mm512_setzero_si512();
     for (int m = H == 1 ? 4 : 0; m < (H == 0 ? 4 : 8); m++) sum = _mm512_add_epi32(sum, acc[m]);
@@ -151,8 +155,104 @@ inline __m512 epilogue_g16(const uint16_t *tile_scales, const float *dx, const f
     return out;
 }
 
+/* One K-step's products (codes at wp, activations xs) into the accumulators of `section`. */
+template <int BITS>
+inline void step_products(const uint8_t *wp, const int8_t *xs, __m512i acc[16]) {
+    if (BITS == 2) { /* crumbs shifted down to bytes: no shift back per mask later (code_sum) */
+        for (int j = 0; j < 2; j++) {
+            const __m512i v = _mm512_loadu_si512(wp + 64 * j);
+            for (int c = 0; c < 4; c++) {
+                const __m512i q = _mm512_and_si512(c ? _mm512_srli_epi16(v, 2 * c) : v, _mm512_set1_epi8(3));
+                acc[2 * j + (c & 1)] = _mm512_dpbusd_epi32(acc[2 * j + (c & 1)], q, bcast4(xs + 16 * j + 4 * c));
+            }
+        }
+        return;
+    }
+    for (int m = 0; m < 8; m++) {
+        const __m512i x = bcast4(xs + 4 * m);
+        if (BITS <= 4)
+            section<(BITS < 4 ? BITS : 4)>(wp, m, x, acc);
+        else /* the whole code as a byte: the 8-bit block m, or fields put together */
+            acc[m] = _mm512_dpbusd_epi32(acc[m], code_bytes<BITS>(wp, m), x);
+    }
+}
+
+/* The 16 rows' sc and m of group j of a super-block, as int32 (lutlm.h). */
+inline void super_sc_m(const Geometry *g, const uint8_t *sb, int j, __m512i *sc, __m512i *m) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)(sb + 64 + 16 * j));
+    if (g->w->scale_kind == LUTLM_SCALES_SUPER) {
+        *sc = _mm512_cvtepi8_epi32(b);
+        *m = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 64 + 16 * (g->w->super_groups + j))));
+    } else if (g->w->scale_kind == LUTLM_SCALES_SUPER_SYM) {
+        *sc = *m = _mm512_cvtepi8_epi32(b);
+    } else {
+        const __m512i v = _mm512_cvtepu8_epi32(b);
+        *sc = _mm512_and_si512(v, _mm512_set1_epi32(15));
+        *m = _mm512_srli_epi32(v, 4);
+    }
+}
+
+/* The GEMV with super-block scales: within a super-block the sub-scales multiply the integer
+ * sums (sc0 sum0 + sc1 sum1 per q-block, exact in int32), the activation scale dx the result,
+ * and d once per super-block; the offsets m meet the activation sums, dmin once per
+ * super-block. Per group that is one integer multiply-add instead of the float scale
+ * products of each group (Q2_K's groups of 16 otherwise spend as much on scales as on codes). */
+template <int BITS, bool G16>
+void tile_super(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out) {
+    const int8_t *xq = (const int8_t *)(act + g->act.tables);
+    const float *dx = (const float *)(act + g->act.table_scale), *xsum = (const float *)(act + g->act.x_sum);
+    const uint8_t *wp = g->w->codes + (tile * g->n_steps + qb0) * 64 * BITS; /* one K-step per q-block */
+    const int groups_per_qb = G16 ? 2 : 1;
+    const int64_t qb_per_super = (int64_t)g->w->super_groups / groups_per_qb;
+    __m512 acc_out = _mm512_loadu_ps(out);
+    const PrefetchRange prefetch = lutlm_prefetch_range(g, wp, qb1 - qb0);
+    for (int64_t qb = qb0; qb < qb1;) {
+        int j0;
+        const uint8_t *sb = lutlm_super_scales(g, tile, groups_per_qb * qb, &j0);
+        const int64_t end = qb1 < qb - j0 / groups_per_qb + qb_per_super ? qb1 : qb - j0 / groups_per_qb + qb_per_super;
+        __m512 scaled = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
+        for (int j = j0; qb < end; qb++, wp += 64 * BITS, j += groups_per_qb) {
+            __m512i acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_si512();
+            lutlm_prefetch_qblock(wp, 64 * BITS, prefetch);
+            step_products<BITS>(wp, xq + qb * LUTLM_STEP, acc);
+            __m512i sc0, m0;
+            super_sc_m(g, sb, j, &sc0, &m0);
+            __m512i t;
+            if (G16) {
+                __m512i sc1, m1;
+                super_sc_m(g, sb, j + 1, &sc1, &m1);
+                t = _mm512_add_epi32(_mm512_mullo_epi32(sc0, code_sum<BITS, 0>(acc)),
+                                     _mm512_mullo_epi32(sc1, code_sum<BITS, 1>(acc)));
+                offsets = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m0), _mm512_set1_ps(xsum[2 * qb]), offsets);
+                offsets = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m1), _mm512_set1_ps(xsum[2 * qb + 1]), offsets);
+            } else {
+                t = _mm512_mullo_epi32(sc0, code_sum<BITS, 2>(acc));
+                offsets = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m0), _mm512_set1_ps(xsum[qb]), offsets);
+            }
+            scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(dx[qb]), scaled);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sb));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + 32)));
+        acc_out = _mm512_fnmadd_ps(dmin, offsets, _mm512_fmadd_ps(d, scaled, acc_out));
+    }
+    _mm512_storeu_ps(out, acc_out);
+}
+
+/* s and s z of the tile's 16 rows in group `group`, from super-block scales (lutlm.h):
+ * s = d sc, s z = dmin m, exact products of the file's fields. */
+inline void super_scales(const Geometry *g, int64_t tile, int64_t group, __m512 *s, __m512 *sz) {
+    int j;
+    const uint8_t *sb = lutlm_super_scales(g, tile, group, &j);
+    __m512i sc, m;
+    super_sc_m(g, sb, j, &sc, &m);
+    *s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sb)), _mm512_cvtepi32_ps(sc));
+    *sz = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + 32))), _mm512_cvtepi32_ps(m));
+}
+
 template <int BITS, bool G16>
 void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out) {
+    if (g->w->scale_kind != LUTLM_SCALES_F16) return tile_super<BITS, G16>(g, tile, qb0, qb1, act, out);
     const int8_t *xq = (const int8_t *)(act + g->act.tables);
     const int64_t steps_per_qb = g->steps_per_qblock;
     Epilogue e(g, tile, act, 0.0f, qb0);
@@ -167,16 +267,8 @@ void tile(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8
         __m512i acc[16];
         for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_si512();
         lutlm_prefetch_qblock(wp, steps_per_qb * 64 * BITS, prefetch); /* as the table-lookup kernels */
-        for (int64_t st = qb * steps_per_qb; st < (qb + 1) * steps_per_qb; st++, wp += 64 * BITS) {
-            const int8_t *xs = xq + st * LUTLM_STEP;
-            for (int m = 0; m < 8; m++) {
-                const __m512i x = bcast4(xs + 4 * m);
-                if (BITS <= 4)
-                    section<(BITS < 4 ? BITS : 4)>(wp, m, x, acc);
-                else /* the whole code as a byte: the 8-bit block m, or fields put together */
-                    acc[m] = _mm512_dpbusd_epi32(acc[m], code_bytes<BITS>(wp, m), x);
-            }
-        }
+        for (int64_t st = qb * steps_per_qb; st < (qb + 1) * steps_per_qb; st++, wp += 64 * BITS)
+            step_products<BITS>(wp, xq + st * LUTLM_STEP, acc);
         if (G16)
             acc_out = epilogue_g16(tile_scales, dx, xsum, qb, code_sum<BITS, 0>(acc), code_sum<BITS, 1>(acc), acc_out);
         else
@@ -205,6 +297,7 @@ void tile_tokens(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
     const int8_t *x = (const int8_t *)(act + g->act.tables);
     const float *dx = (const float *)(act + g->act.table_scale), *xsum = (const float *)(act + g->act.x_sum);
     int64_t group = qb0 / qblocks_per_group, in_group = qb0 % qblocks_per_group;
+    const bool super = g->w->scale_kind != LUTLM_SCALES_F16;
     for (int64_t qb = qb0; qb < qb1; qb++) {
         __m512i acc[NT][2];
         for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = _mm512_setzero_si512();
@@ -219,12 +312,17 @@ void tile_tokens(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
         if (G16) {
             /* Both groups in one pass over the tokens: one load and store of out each, the
              * two scales applied to the integer sums before dx (fewer float ops per token). */
-            const uint16_t *sc = scales + 2 * qb * 2 * LUTLM_TILE_ROWS;
-            const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-            const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * LUTLM_TILE_ROWS)));
-            const __m512 sz0 = _mm512_mul_ps(s0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
-            const __m512 sz1 =
-                _mm512_mul_ps(s1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 3 * LUTLM_TILE_ROWS))));
+            __m512 s0, s1, sz0, sz1;
+            if (super) {
+                super_scales(g, tile, 2 * qb, &s0, &sz0);
+                super_scales(g, tile, 2 * qb + 1, &s1, &sz1);
+            } else {
+                const uint16_t *sc = scales + 2 * qb * 2 * LUTLM_TILE_ROWS;
+                s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+                s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * LUTLM_TILE_ROWS)));
+                sz0 = _mm512_mul_ps(s0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
+                sz1 = _mm512_mul_ps(s1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 3 * LUTLM_TILE_ROWS))));
+            }
             for (int n = 0; n < NT; n++) {
                 const float *dn = (const float *)((const uint8_t *)dx + n * stride);
                 const float *xn = (const float *)((const uint8_t *)xsum + n * stride);
@@ -236,9 +334,14 @@ void tile_tokens(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, cons
                 _mm512_storeu_ps(out + 16 * n, o);
             }
         } else {
-            const uint16_t *sc = scales + group * 2 * LUTLM_TILE_ROWS;
-            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-            const __m512 sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
+            __m512 s, sz;
+            if (super) {
+                super_scales(g, tile, group, &s, &sz);
+            } else {
+                const uint16_t *sc = scales + group * 2 * LUTLM_TILE_ROWS;
+                s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+                sz = _mm512_mul_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + LUTLM_TILE_ROWS))));
+            }
             for (int n = 0; n < NT; n++) {
                 const float *dn = (const float *)((const uint8_t *)dx + n * stride);
                 const float *xn = (const float *)((const uint8_t *)xsum + n * stride);

@@ -68,8 +68,21 @@ void tile_generic(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, con
         }
         for (int h = 0; h < halves; h++) {
             const int64_t group = halves == 2 ? 2 * qb + h : qb / g->qblocks_per_group;
-            const uint16_t *s = sc + group * 2 * LUTLM_TILE_ROWS, *z = s + LUTLM_TILE_ROWS;
             const float xs = xsum[halves * qb + h];
+            if (w->scale_kind != LUTLM_SCALES_F16) { /* out += d sc dx sum - dmin m xsum */
+                int j;
+                const uint8_t *sb = lutlm_super_scales(g, tile, group, &j);
+                const uint16_t *d = (const uint16_t *)sb, *dmin = d + LUTLM_TILE_ROWS;
+                for (int r = 0; r < LUTLM_TILE_ROWS; r++) {
+                    int isc, im;
+                    lutlm_super_sc_m(g, sb, j, r, &isc, &im);
+                    const float s = lutlm_half_to_float(d[r]) * (float)isc;
+                    const float sz = lutlm_half_to_float(dmin[r]) * (float)im;
+                    out[r] += s * ((float)acc[h][r] * dx[qb]) - sz * xs;
+                }
+                continue;
+            }
+            const uint16_t *s = sc + group * 2 * LUTLM_TILE_ROWS, *z = s + LUTLM_TILE_ROWS;
             for (int r = 0; r < LUTLM_TILE_ROWS; r++) {
                 const float u = (float)acc[h][r] * dx[qb] - lutlm_half_to_float(z[r]) * xs;
                 out[r] += lutlm_half_to_float(s[r]) * u;

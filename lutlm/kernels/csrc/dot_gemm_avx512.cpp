@@ -5,8 +5,8 @@
  * 4 bits a token needs 16 vector operations per K-step of a tile, where a byte dot product
  * of codes and int8 activations needs 8 vpdpbusd, and turning bit-planes into codes is paid
  * once per weight block for every token of the batch. With many tokens the dot product
- * wins (1.8x at 4096x11008 x 128 tokens on Zen 5, 1 thread); with one, the lookups do (nothing to share the unpacking
- * with, and their tables need no activation rounding). api.cpp picks this kernel for 4-bit
+ * wins (docs/kernels.md); with one, the lookups do (nothing to share the unpacking with, and
+ * their tables need no activation rounding). api.cpp picks this kernel for 4-bit
  * products of at least lutlm_set_dot_gemm_min_tokens tokens.
  *
  * Unpacking one 64-byte block of the 4-plane section (16 rows x 8 inputs 8j..8j+7): a

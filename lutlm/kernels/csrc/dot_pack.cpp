@@ -100,35 +100,10 @@ void pack_tiles(int task, void *arg) {
     const uint8_t high = (uint8_t)(0xFF << j.bits); /* bits a code must not have (none at 8) */
     uint8_t seen = 0;
     for (int64_t t = t0; t < t1; t++) {
-        for (int64_t s = 0; s < steps; s++) {
-            uint8_t *dst = j.out_codes + (t * steps + s) * step_bytes;
-            const int64_t first = s * LUTLM_STEP, avail = std::min<int64_t>(LUTLM_STEP, j.k - first);
-            for (int r = 0; r < LUTLM_TILE_ROWS; r++) {
-                const int64_t row = t * LUTLM_TILE_ROWS + r;
-                uint8_t c[LUTLM_STEP];
-                if (row < j.n && avail == LUTLM_STEP) {
-                    memcpy(c, j.codes + row * j.k + first, LUTLM_STEP);
-                } else { /* padding holds code 0 */
-                    memset(c, 0, LUTLM_STEP);
-                    if (row < j.n) memcpy(c, j.codes + row * j.k + first, avail);
-                }
-                uint64_t any = 0;
-                for (int i = 0; i < LUTLM_STEP; i += 8) {
-                    uint64_t v;
-                    memcpy(&v, c + i, 8);
-                    any |= v;
-                }
-                for (int b = 0; b < 8; b++) seen |= (uint8_t)(any >> 8 * b);
-                uint8_t *lane = dst + 4 * r;
-                if (j.bits == 8) { /* whole bytes: block jb holds inputs 4 jb .. 4 jb + 3 */
-                    for (int jb = 0; jb < 8; jb++) memcpy(lane + 64 * jb, c + 4 * jb, 4);
-                    continue;
-                }
-                const int blocks = put_section(c, std::min(j.bits, 4), 0, lane);
-                if (j.bits > 4) put_section(c, j.bits - 4, 4, lane + 64 * blocks);
-            }
-        }
-        for (int64_t gi = 0; gi < j.shape.groups_out; gi++) {
+        const int rows = (int)std::min<int64_t>(LUTLM_TILE_ROWS, j.n - t * LUTLM_TILE_ROWS);
+        seen |= lutlm_dot_pack_tile(j.codes + t * LUTLM_TILE_ROWS * j.k, j.k, rows, j.k, j.shape.k_padded, j.bits,
+                                    j.out_codes + t * steps * step_bytes);
+        for (int64_t gi = 0; j.out_scales && gi < j.shape.groups_out; gi++) {
             uint16_t *dst = j.out_scales + (t * j.shape.groups_out + gi) * 2 * LUTLM_TILE_ROWS;
             for (int r = 0; r < LUTLM_TILE_ROWS; r++) {
                 const int64_t row = t * LUTLM_TILE_ROWS + r;
@@ -142,6 +117,40 @@ void pack_tiles(int task, void *arg) {
 }
 
 }  // namespace
+
+uint8_t lutlm_dot_pack_tile(const uint8_t *codes, int64_t stride, int rows, int64_t k, int64_t k_padded, int bits,
+                            uint8_t *out) {
+    const int64_t steps = k_padded / LUTLM_STEP, step_bytes = 64 * (int64_t)bits;
+    uint8_t seen = 0;
+    for (int64_t s = 0; s < steps; s++) {
+        uint8_t *dst = out + s * step_bytes;
+        const int64_t first = s * LUTLM_STEP, avail = std::min<int64_t>(LUTLM_STEP, k - first);
+        for (int r = 0; r < LUTLM_TILE_ROWS; r++) {
+            uint8_t c[LUTLM_STEP];
+            if (r < rows && avail == LUTLM_STEP) {
+                memcpy(c, codes + r * stride + first, LUTLM_STEP);
+            } else { /* padding holds code 0 */
+                memset(c, 0, LUTLM_STEP);
+                if (r < rows) memcpy(c, codes + r * stride + first, avail);
+            }
+            uint64_t any = 0;
+            for (int i = 0; i < LUTLM_STEP; i += 8) {
+                uint64_t v;
+                memcpy(&v, c + i, 8);
+                any |= v;
+            }
+            for (int b = 0; b < 8; b++) seen |= (uint8_t)(any >> 8 * b);
+            uint8_t *lane = dst + 4 * r;
+            if (bits == 8) { /* whole bytes: block jb holds inputs 4 jb .. 4 jb + 3 */
+                for (int jb = 0; jb < 8; jb++) memcpy(lane + 64 * jb, c + 4 * jb, 4);
+                continue;
+            }
+            const int blocks = put_section(c, std::min(bits, 4), 0, lane);
+            if (bits > 4) put_section(c, bits - 4, 4, lane + 64 * blocks);
+        }
+    }
+    return seen;
+}
 
 extern "C" LUTLM_API int lutlm_dot_shape(int64_t n, int64_t k, int32_t bits, int32_t group, int64_t *k_padded,
                                          int32_t *group_padded, int32_t *q_block, int64_t *code_bytes,
@@ -160,7 +169,8 @@ extern "C" LUTLM_API int lutlm_pack_dot(const uint8_t *codes, const uint16_t *sc
                                         int64_t k, int32_t bits, int32_t group, uint8_t *out_codes,
                                         uint16_t *out_scales) {
     PackJob j;
-    if (!codes || !scales || !zeros || !out_codes || !out_scales || !dot_shape(n, k, bits, group, &j.shape)) return -1;
+    if (!codes || !out_codes || !dot_shape(n, k, bits, group, &j.shape)) return -1;
+    if (out_scales ? !scales || !zeros : scales || zeros) return -1; /* no out_scales: the codes alone */
     j.codes = codes, j.scales = scales, j.zeros = zeros, j.n = n, j.k = k, j.bits = bits;
     j.out_codes = out_codes, j.out_scales = out_scales;
     j.tiles = (n + LUTLM_TILE_ROWS - 1) / LUTLM_TILE_ROWS;

@@ -398,6 +398,204 @@ extern "C" LUTLM_API int lutlm_ggml_groups(int type, const uint8_t *raw, int64_t
     return j.three.load() ? 1 : 0;
 }
 
+namespace {
+
+/* ---- The K-quants' own two-level scales (lutlm_ggml_super): per 256-weight block, fp16 d and
+ * dmin and an integer sc (and m) per sub-block, w = (d sc) q - dmin m; for the symmetric Q3_K
+ * and Q6_K, m = sc and dmin = d * zero (4, 32: exact in fp16 unless it overflows). ---- */
+
+/* Block b's d, dmin (fp16 bits) and sub-block sc[16], m[16]; false if dmin overflows. */
+template <int TYPE>
+bool super_fields(const uint8_t *b, uint16_t *d, uint16_t *dmin, int8_t *sc, int8_t *m) {
+    const auto f16 = [](const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); };
+    switch (TYPE) {
+        case Q2_K:
+            *d = f16(b + 80), *dmin = f16(b + 82);
+            for (int i = 0; i < 16; i++) sc[i] = (int8_t)(b[i] & 0x0F), m[i] = (int8_t)(b[i] >> 4);
+            return true;
+        case Q3_K: {
+            const uint8_t *s = b + 96;
+            *d = f16(b + 108);
+            for (int i = 0; i < 16; i++) {
+                const int low = (s[i % 8] >> (4 * (i / 8))) & 0x0F, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+                sc[i] = (int8_t)((low | (high << 4)) - 32);
+            }
+            *dmin = f2h(h2f(*d) * 4.0f);
+            return (*dmin & 0x7c00u) != 0x7c00u;
+        }
+        case Q4_K:
+        case Q5_K:
+            *d = f16(b), *dmin = f16(b + 2);
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *s = b + 4;
+                if (i < 4) {
+                    sc[i] = (int8_t)(s[i] & 63), m[i] = (int8_t)(s[i + 4] & 63);
+                } else {
+                    sc[i] = (int8_t)((s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4));
+                    m[i] = (int8_t)((s[i + 4] >> 4) | ((s[i] >> 6) << 4));
+                }
+            }
+            return true;
+        case Q6_K:
+            *d = f16(b + 208);
+            for (int i = 0; i < 16; i++) sc[i] = (int8_t)b[192 + i];
+            *dmin = f2h(h2f(*d) * 32.0f);
+            return (*dmin & 0x7c00u) != 0x7c00u;
+    }
+    return false;
+}
+
+struct SuperJob {
+    const uint8_t *raw;
+    int64_t n_rows, k, rows_per_task;
+    uint8_t *codes;
+    uint16_t *d, *dmin;
+    int8_t *sc, *m; /* m: NULL for the symmetric types */
+    std::atomic<int> bad{0};
+};
+
+template <int TYPE>
+void run_super_rows(int task, void *arg) {
+    SuperJob &j = *(SuperJob *)arg;
+    const TypeInfo &t = *find_type(TYPE);
+    const int per_block = t.weights / t.group;
+    const int64_t blocks = j.k / t.weights;
+    float A[kMaxGroups], B[kMaxGroups];
+    int8_t m_unused[kMaxGroups];
+    bool ok = true;
+    const int64_t r0 = task * j.rows_per_task, r1 = std::min(j.n_rows, r0 + j.rows_per_task);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *b = j.raw + r * blocks * t.bytes;
+        for (int64_t i = 0; i < blocks; i++) {
+            const int64_t blk = r * blocks + i;
+            decode<TYPE>(b + i * t.bytes, j.codes + r * j.k + i * t.weights, A, B);
+            ok &= super_fields<TYPE>(b + i * t.bytes, j.d + blk, j.dmin + blk, j.sc + blk * per_block,
+                                     j.m ? j.m + blk * per_block : m_unused);
+        }
+    }
+    if (!ok) j.bad.store(1, std::memory_order_relaxed);
+}
+
+TaskFn super_task_for(int type) {
+    switch (type) {
+        case Q2_K: return run_super_rows<Q2_K>;
+        case Q3_K: return run_super_rows<Q3_K>;
+        case Q4_K: return run_super_rows<Q4_K>;
+        case Q5_K: return run_super_rows<Q5_K>;
+        case Q6_K: return run_super_rows<Q6_K>;
+    }
+    return nullptr;
+}
+
+/* Straight into the dot kernels' layout with super-block scales (lutlm.h): each task decodes
+ * the 16 rows of a tile into a buffer of codes and packs them, writing the tile's scales from
+ * the blocks' own fields; no tensor of codes is ever whole. */
+struct SuperDotJob {
+    const uint8_t *raw;
+    const int64_t *row_of; /* output row -> source row (q/k's rotary order), or NULL */
+    int64_t n_rows, k, tiles, n_tasks, super_bytes;
+    int scale_kind;
+    uint8_t *out_codes, *out_scales;
+    std::atomic<int> bad{0};
+};
+
+template <int TYPE>
+void run_super_dot(int task, void *arg) {
+    SuperDotJob &j = *(SuperDotJob *)arg;
+    const TypeInfo &t = *find_type(TYPE);
+    const int per = t.weights / t.group;
+    const int64_t blocks = j.k / t.weights, tile_code_bytes = j.k / LUTLM_STEP * 64 * t.bits;
+    std::vector<uint8_t> codes((size_t)(LUTLM_TILE_ROWS * j.k));
+    float A[kMaxGroups], B[kMaxGroups];
+    int8_t sc[kMaxGroups], m[kMaxGroups];
+    bool ok = true;
+    for (int64_t tile = j.tiles * task / j.n_tasks; tile < j.tiles * (task + 1) / j.n_tasks; tile++) {
+        const int rows = (int)std::min<int64_t>(LUTLM_TILE_ROWS, j.n_rows - tile * LUTLM_TILE_ROWS);
+        uint8_t *scales = j.out_scales + tile * blocks * j.super_bytes;
+        memset(scales, 0, (size_t)(blocks * j.super_bytes)); /* padded rows: 0 */
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = tile * LUTLM_TILE_ROWS + r, src = j.row_of ? j.row_of[row] : row;
+            const uint8_t *b = j.raw + src * blocks * t.bytes;
+            for (int64_t i = 0; i < blocks; i++, b += t.bytes) {
+                decode<TYPE>(b, codes.data() + r * j.k + i * t.weights, A, B);
+                uint16_t d, dmin;
+                ok &= super_fields<TYPE>(b, &d, &dmin, sc, m);
+                uint8_t *sb = scales + i * j.super_bytes;
+                memcpy(sb + 2 * r, &d, 2);
+                memcpy(sb + 32 + 2 * r, &dmin, 2);
+                for (int g = 0; g < per; g++) {
+                    if (j.scale_kind == LUTLM_SCALES_SUPER_NIBBLE) {
+                        sb[64 + 16 * g + r] = (uint8_t)((sc[g] & 15) | (m[g] << 4));
+                    } else {
+                        sb[64 + 16 * g + r] = (uint8_t)sc[g];
+                        if (j.scale_kind == LUTLM_SCALES_SUPER) sb[64 + 16 * (per + g) + r] = (uint8_t)m[g];
+                    }
+                }
+            }
+        }
+        lutlm_dot_pack_tile(codes.data(), j.k, rows, j.k, j.k, t.bits, j.out_codes + tile * tile_code_bytes);
+    }
+    if (!ok) j.bad.store(1, std::memory_order_relaxed);
+}
+
+TaskFn super_dot_task_for(int type) {
+    switch (type) {
+        case Q2_K: return run_super_dot<Q2_K>;
+        case Q3_K: return run_super_dot<Q3_K>;
+        case Q4_K: return run_super_dot<Q4_K>;
+        case Q5_K: return run_super_dot<Q5_K>;
+        case Q6_K: return run_super_dot<Q6_K>;
+    }
+    return nullptr;
+}
+
+}  // namespace
+
+/* One [n_rows, k] K-quant tensor straight into the dot kernels' layout with super-block scales
+ * (lutlm.h): out_codes (lutlm_dot_shape's code_bytes for the type's bits and group) and
+ * out_scales (tiles x k / 256 x super_bytes: Q2_K nibbles, Q3_K and Q6_K symmetric, Q4_K and
+ * Q5_K sc and m). row_of[r] is the source row of output row r (NULL: the same). The bytes
+ * lutlm.kernels.cpu.prepare_super_rows writes from lutlm_ggml_super's arrays. Returns 0; -1
+ * for another type or a k that is not whole blocks; -2 when a dmin = d * zero overflows fp16. */
+extern "C" LUTLM_API int lutlm_ggml_super_dot(int type, const uint8_t *raw, int64_t n_rows, int64_t k,
+                                              const int64_t *row_of, uint8_t *out_codes, uint8_t *out_scales) {
+    const TypeInfo *t = find_type(type);
+    const TaskFn fn = super_dot_task_for(type);
+    if (!t || !fn || n_rows <= 0 || k <= 0 || k % t->weights) return -1;
+    SuperDotJob j;
+    j.raw = raw, j.row_of = row_of, j.n_rows = n_rows, j.k = k, j.out_codes = out_codes, j.out_scales = out_scales;
+    j.scale_kind = type == Q2_K ? LUTLM_SCALES_SUPER_NIBBLE
+                   : type == Q3_K || type == Q6_K ? LUTLM_SCALES_SUPER_SYM : LUTLM_SCALES_SUPER;
+    const int per = t->weights / t->group;
+    j.super_bytes = 64 + 16 * per * (j.scale_kind == LUTLM_SCALES_SUPER ? 2 : 1);
+    j.tiles = (n_rows + LUTLM_TILE_ROWS - 1) / LUTLM_TILE_ROWS;
+    j.n_tasks = std::min<int64_t>(j.tiles, 8 * (int64_t)lutlm_get_num_threads());
+    lutlm_parallel_for((int)j.n_tasks, fn, &j);
+    return j.bad.load() ? -2 : 0;
+}
+
+/* One [n_rows, k] K-quant tensor (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) into its codes uint8
+ * [n_rows, k] (as lutlm_ggml_groups gives them, but no group flattened), fp16 d and dmin
+ * [n_rows, k / 256] and int8 sc and m [n_rows, k / group] (m NULL for Q3_K and Q6_K, whose
+ * dmin is d times their zero). Returns 0; -1 for another type or a k that is not whole
+ * blocks; -2 when a dmin = d * zero overflows fp16. */
+extern "C" LUTLM_API int lutlm_ggml_super(int type, const uint8_t *raw, int64_t n_rows, int64_t k, uint8_t *codes,
+                                          uint16_t *d, uint16_t *dmin, int8_t *sc, int8_t *m) {
+    const TypeInfo *t = find_type(type);
+    const TaskFn fn = super_task_for(type);
+    const bool symmetric = type == Q3_K || type == Q6_K;
+    if (!t || !fn || n_rows < 0 || k <= 0 || k % t->weights || (m == nullptr) != symmetric) return -1;
+    if (n_rows == 0) return 0;
+    SuperJob j;
+    j.raw = raw, j.n_rows = n_rows, j.k = k, j.codes = codes, j.d = d, j.dmin = dmin, j.sc = sc, j.m = m;
+    const int64_t threads = lutlm_get_num_threads();
+    const int64_t min_rows = std::max<int64_t>(1, (64 << 10) / k);
+    j.rows_per_task = std::max(min_rows, (n_rows + 8 * threads - 1) / (8 * threads));
+    const int64_t n_tasks = (n_rows + j.rows_per_task - 1) / j.rows_per_task;
+    lutlm_parallel_for((int)n_tasks, fn, &j);
+    return j.bad.load() ? -2 : 0;
+}
+
 /* x[n] -> fp16 bits, rounding as the decoder does (exported for its tests). */
 extern "C" LUTLM_API void lutlm_float_to_half(const float *x, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = f2h(x[i]);

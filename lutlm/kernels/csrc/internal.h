@@ -51,6 +51,9 @@ typedef struct {
      * factor 1/2 for bit-planes (the 1/2 sum_i 2^i of lutlm.h), 1 for ternary; mid is
      * (2^b - 1) / 2 for bit-planes, 1 for ternary (whose stored zero is 1: no zero term). */
     float mid, factor;
+    /* Super-block scales (lutlm.h): super-blocks per row and bytes per tile and super-block. */
+    int64_t n_super, super_bytes;
+    int super_shift; /* log2 of super_groups (a power of two): no division per group */
 } Geometry;
 
 /* Balanced-ternary digits (t0, t1, t2) of m = 9 t0 + 3 t1 + t2 for m = 0..13: the positive
@@ -63,7 +66,7 @@ static const signed char lutlm_ternary_digits[16][3] = {
 static inline size_t lutlm_align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* Software prefetch of the weight stream: the hardware prefetchers alone leave the kernels
- * waiting on L3 or DRAM (GEMV 10-15% slower), so each q-block asks for the bytes
+ * waiting on L3 or DRAM, so each q-block asks for the bytes
  * LUTLM_PREFETCH_AHEAD ahead. A kernel call covers a range of q-blocks of one tile, and the
  * driver goes on with the next tile's same range: past the end of the range, the distance
  * continues there (`skip` bytes further; 0 when the range is the whole row). */
@@ -141,6 +144,24 @@ const DequantKernels *lutlm_dequant_avx512_kernels(void);
  * x_sum has one entry per 16 inputs instead of one per q-block. */
 static inline int lutlm_dot_g16(const Geometry *g) { return g->w->group_size < g->w->q_block; }
 
+/* Super-block scales of group `group` (of the row) in tile `tile`: the super-block's bytes,
+ * and the group's index j within it (its sc at 64 + 16 j; lutlm.h). */
+static inline const uint8_t *lutlm_super_scales(const Geometry *g, int64_t tile, int64_t group, int *j) {
+    *j = (int)(group & ((1 << g->super_shift) - 1));
+    return (const uint8_t *)g->w->scales + (tile * g->n_super + (group >> g->super_shift)) * g->super_bytes;
+}
+
+/* The integer sc and m of row r of group j in a super-block (lutlm.h). */
+static inline void lutlm_super_sc_m(const Geometry *g, const uint8_t *sb, int j, int r, int *sc, int *m) {
+    const int G = g->w->super_groups;
+    const uint8_t b = sb[64 + 16 * j + r];
+    switch (g->w->scale_kind) {
+        case LUTLM_SCALES_SUPER: *sc = (int8_t)b, *m = (int8_t)sb[64 + 16 * (G + j) + r]; break;
+        case LUTLM_SCALES_SUPER_SYM: *sc = *m = (int8_t)b; break;
+        default: *sc = b & 15, *m = b >> 4; break;
+    }
+}
+
 /* The geometry of a product with int8 activations per q-block (mode LUTLM_INT8 or
  * LUTLM_FAST_AGG) or float activations (LUTLM_FLOAT): activations at `tables`, their
  * scales at `table_scale`, block (or 16-input) sums at `x_sum`; mid 0 and factor 1 in the
@@ -157,6 +178,12 @@ int lutlm_dot_matmul(const lutlm_weight *w, const float *x, int64_t batch, float
 /* Float activations for DOT weights (mode LUTLM_FLOAT), portable: exact up to fp32 rounding. */
 void lutlm_dot_build_act_float(const Geometry *g, const float *x, uint8_t *act);
 void lutlm_dot_tile_float(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const uint8_t *act, float *out);
+
+/* One tile of the DOT layout (dot_pack.cpp) from its rows' codes, one per byte: codes[r * stride + i]
+ * for r < rows and i < k (the other rows of the 16, and inputs up to k_padded, hold code 0), into
+ * out (k_padded / 32 K-steps of 64 * bits bytes). Returns the OR of the codes (a range check). */
+uint8_t lutlm_dot_pack_tile(const uint8_t *codes, int64_t stride, int rows, int64_t k, int64_t k_padded, int bits,
+                            uint8_t *out);
 
 /* The 4-bit dot-product GEMM over the table-lookup layout (dot_gemm_avx512.cpp). */
 TileBatchFn lutlm_dot_gemm_avx512(void);

@@ -95,6 +95,22 @@
  *
  * Activation buffer (per token): int8 xq [k_padded] (float x in mode LUTLM_FLOAT), float
  * dx [q-blocks] (1 in float mode), float xsum [q-blocks, or k_padded / 16 for groups of 16].
+ *
+ * Super-block scales (DOT weights, scale_kind != LUTLM_SCALES_F16; groups of 16 or 32): the
+ * K-quants' own two-level scales, s = d * sc and s z = dmin * m per group, with d and dmin
+ * fp16 per super-block of `super_groups` groups and sc, m small integers per group, so that
+ * the kernel reads about the file's scale bytes (Q2_K 2.625 bits per weight, not 4). Per tile
+ * and super-block, super_bytes bytes, tile-major like the codes:
+ *
+ *     bytes 0..31:   fp16 d[16]      (the 16 rows)
+ *     bytes 32..63:  fp16 dmin[16]
+ *     bytes 64..:    per group j of the super-block, 16 bytes (one per row), by scale_kind:
+ *       LUTLM_SCALES_SUPER:        int8 sc[j][16], then int8 m[j][16] after all sc (2 x 16 G bytes)
+ *       LUTLM_SCALES_SUPER_SYM:    int8 sc[j][16]; m = sc (symmetric types: dmin = d * zero)
+ *       LUTLM_SCALES_SUPER_NIBBLE: uint8 sc | m << 4, both 0..15 (Q2_K)
+ *
+ * super_bytes = 64 + 16 G (2 x 16 G for LUTLM_SCALES_SUPER), G = super_groups (a power of
+ * two); k_padded is a multiple of group_size * super_groups. Padded rows hold 0.
  */
 #ifndef LUTLM_H
 #define LUTLM_H
@@ -112,11 +128,14 @@ enum lutlm_isa { LUTLM_SCALAR = 0, LUTLM_AVX2 = 1, LUTLM_AVX512 = 2 };
 enum lutlm_kind { LUTLM_PLANES = 0, LUTLM_TERNARY = 1, LUTLM_DOT = 2 };
 /* int8 tables (the fast path), float tables (exact, for testing), or int8 tables with
  * pairs of lookups merged by averaging adds before widening (fast aggregation). */
+enum lutlm_scale_kind {
+    LUTLM_SCALES_F16 = 0, LUTLM_SCALES_SUPER = 1, LUTLM_SCALES_SUPER_SYM = 2, LUTLM_SCALES_SUPER_NIBBLE = 3
+};
 enum lutlm_mode { LUTLM_INT8 = 0, LUTLM_FLOAT = 1, LUTLM_FAST_AGG = 2 };
 
 typedef struct {
     const uint8_t *codes;    /* kernel layout, see above */
-    const uint16_t *scales;  /* fp16, see above */
+    const uint16_t *scales;  /* fp16, see above (super-block scales: bytes, read by offset) */
     int64_t n;               /* output rows */
     int64_t k;               /* inputs (unpadded) */
     int64_t k_padded;        /* multiple of the K-step and of q_block */
@@ -124,6 +143,8 @@ typedef struct {
     int32_t group_size;      /* inputs per scale group, in padded units; divides k_padded (16 allowed for LUTLM_DOT) */
     int32_t q_block;         /* inputs per table-quantization scale; divides group_size */
     int32_t kind;            /* lutlm_kind */
+    int32_t scale_kind;      /* lutlm_scale_kind (not LUTLM_SCALES_F16: DOT weights only) */
+    int32_t super_groups;    /* groups per super-block (super-block scales; else 0) */
 } lutlm_weight;
 
 /* Highest instruction set this CPU and OS support, and the one the kernels use. */
@@ -169,7 +190,9 @@ LUTLM_API int lutlm_dot_shape(int64_t n, int64_t k, int32_t bits, int32_t group,
 
 /* Writes the DOT layout from codes uint8 [n][k] (one code per byte, row-major, values
  * < 2^bits) and fp16 scales and zeros [n][k / group] (one group per row: [n][1]) into
- * out_codes and out_scales (sizes from lutlm_dot_shape), on the kernels' threads. Returns
+ * out_codes and out_scales (sizes from lutlm_dot_shape), on the kernels' threads; with scales,
+ * zeros and out_scales all NULL, the codes alone (super-block scales are laid out by the
+ * caller). Returns
  * 0; -1 for a bad argument; -2 if a code does not fit in `bits` (the output is then partial). */
 LUTLM_API int lutlm_pack_dot(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int64_t n,
                              int64_t k, int32_t bits, int32_t group, uint8_t *out_codes, uint16_t *out_scales);
