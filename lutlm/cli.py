@@ -3,60 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import time
 from collections import Counter
+
+from lutlm.arguments import add_model_args, bounded, even_context
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
 
 
 def set_threads(n: int | None) -> None:
-    """`-t N`: at most the cores this process may use (more threads than cores only wait on each
-    other; a thousand would each hold a stack and spin), said in one line when capped."""
-    if n is None:
-        return
-    if n < 1:
-        raise ValueError(f"-t/--threads must be at least 1, got {n}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if n > cores:
-        print(f"lutlm: -t {n} is more than the {cores} cores this process may use; using {cores}", file=sys.stderr)
-        n = cores
-    import torch
+    """`-t N` (lutlm.loader.set_threads; here for the bench modules that call it)."""
+    from lutlm.loader import set_threads as set_loader_threads
 
-    torch.set_num_threads(n)
-    from lutlm.kernels import cpu
-
-    if cpu.available():
-        cpu.set_num_threads(n)
+    set_loader_threads(n)
 
 
 def load(args):
-    """The model, tokenizer and checkpoint a command runs on, with the threads set. The checkpoint
-    comes back without its packed weights: the model holds them in its kernels' layout."""
-    from lutlm.linear import linear_summary
-    from lutlm.loader import load_model
-    from lutlm.native import return_freed_memory
+    """The model, tokenizer and checkpoint a command runs on (lutlm.loader.load_for_command)."""
+    from lutlm.loader import load_for_command
 
-    set_threads(args.threads)
-    start = time.perf_counter()
-    layout_cache = getattr(args, "layout_cache", None) or os.environ.get("LUTLM_LAYOUT_CACHE")
-    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, layout_cache=layout_cache)
-    from lutlm.fast_decode import unsupported_reason
-
-    if unsupported_reason(model) is None:
-        # Every linear runs on the kernels' own thread pool; PyTorch (attention and norms of a
-        # prompt) keeps one thread, as `bench e2e` runs it: its OpenMP workers spin-wait after
-        # each operation and would take the cores the kernels need.
-        import torch
-
-        torch.set_num_threads(1)
-    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: {linear_summary(model, checkpoint.tensor_types)}",
-          file=sys.stderr)
-    checkpoint = dataclasses.replace(checkpoint, packed={})
-    return_freed_memory()
-    return model, tokenizer, checkpoint
+    return load_for_command(args)
 
 
 def describe(checkpoint, model) -> str:
@@ -181,8 +148,8 @@ def cmd_demo(args) -> None:
 def cmd_ppl(args) -> None:
     from lutlm.perplexity import model_perplexity, perplexity_tokens, read_text, score_chunks
 
+    text = read_text(args.text)  # a missing text is refused before the model loads
     model, tokenizer, checkpoint = load(args)
-    text = read_text(args.text)
     exclude = None
     calibration = (checkpoint.quantization or {}).get("calibration")
     if calibration and os.path.basename(calibration.get("text", "")) == os.path.basename(args.text):
@@ -208,32 +175,24 @@ def cmd_ppl(args) -> None:
         print(f"lutlm / llama.cpp = {ratio:.5f} ({(ratio - 1) * 100:+.3f}%)")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file, Hugging Face folder or lutlm packed folder "
-                                         "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--backend", choices=["reference", "cpu", "cuda"],
-                   help="kernels for low-bit weights (default: the fastest available). A GGUF's linears run "
-                        "on them from their own blocks; 'reference' keeps them float (plain PyTorch), for checks")
-    p.add_argument("--layout-cache", metavar="DIR",
-                   help="keep a GGUF's weights in the CPU kernels' layout in DIR, so that the next load maps them "
-                        "instead of laying them out again (default: $LUTLM_LAYOUT_CACHE, else none)")
-
-
 def add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help="maximum new tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("-n", "--n-predict", type=bounded(int, 0, 1 << 24), default=n_predict, help="maximum new tokens")
+    p.add_argument("--temperature", type=bounded(float, 0), default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=bounded(int, 0), default=0, help="0 means no limit")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--repeat-penalty", type=bounded(float, 0, low_open=True), default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ctx", type=int, default=2048, help="context length to allocate")
+    p.add_argument("--seed", type=bounded(int, 0, 2**64 - 1))
+    p.add_argument("--ctx", type=bounded(int, 1, 1 << 24), default=2048, help="context length to allocate")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from lutlm import serve  # FastAPI and uvicorn load only for the command that serves
-
+    try:
+        from lutlm import serve  # FastAPI and uvicorn load only for the command that serves
+    except ImportError as e:  # an optional extra: say which, not where the import failed
+        if (e.name or "").split(".")[0] in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise SystemExit("lutlm serve needs FastAPI and uvicorn: pip install 'lutlm[serve]'") from None
+        raise
     serve.run(args)
 
 
@@ -242,10 +201,16 @@ def add_serve_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--ctx", type=int, default=2048, help="context length: prompt + max_tokens must fit")
+    p.add_argument("--ctx", type=int, default=2048,
+                   help="context length of each slot: a request's prompt + max_tokens must fit")
+    p.add_argument("-np", "--parallel", type=int, default=4,
+                   help="requests generated together (KV cache slots), decoded as one batch")
     p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait while one generates; beyond that: 429")
+                   help="requests that may wait for a slot while all generate; beyond that: 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--step-tokens", type=int, default=10,
+                   help="rows per engine step: the decoding requests' tokens, then prompt chunks in what is left "
+                        "(bounds the token gaps while prompts are prefilled)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
     p.add_argument("--model-id", help="the name clients give as `model` (default: the model file's name "
                                       "without its extension)")
@@ -274,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="describe the model, answer one chat prompt, report speed")
     add_model_args(p)
-    p.add_argument("-n", "--n-predict", type=int, default=64)
-    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("-n", "--n-predict", type=bounded(int, 0, 1 << 24), default=64)
+    p.add_argument("--ctx", type=bounded(int, 1, 1 << 24), default=512)
     p.set_defaults(func=cmd_demo)
 
     from lutlm.perplexity import DEFAULT_TEXT
@@ -283,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", help="perplexity over a text file")
     add_model_args(p)
     p.add_argument("--text", default=DEFAULT_TEXT, help=f"text file (default: {DEFAULT_TEXT})")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--max-chunks", type=int, help="score at most this many chunks")
+    p.add_argument("--ctx", type=even_context, default=512, help="tokens per chunk, an even number (default 512)")
+    p.add_argument("--max-chunks", type=bounded(int, 1), help="score at most this many chunks (default: all)")
     p.add_argument("--peer", action="store_true",
                    help="also score llama.cpp on the same GGUF and the same tokens, in this run")
     p.set_defaults(func=cmd_ppl)
@@ -310,9 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"lutlm: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # OSError: a file unreadable, a disk full
+        print(f"lutlm: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("lutlm: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

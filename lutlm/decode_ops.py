@@ -25,8 +25,13 @@ def _load() -> ctypes.CDLL | None:
     lib.lutlm_silu_mul.argtypes = [_P, _P, _I64, _P]
     for fn in (lib.lutlm_attend_one, lib.lutlm_attend_one_f16):
         fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
+    lib.lutlm_rmsnorm_rows.argtypes = [_P, _P, _I64, _I64, _F32, _P]
+    lib.lutlm_add_rmsnorm_rows.argtypes = [_P, _P, _P, _I64, _I64, _F32, _P]
+    for fn in (lib.lutlm_attend_rows, lib.lutlm_attend_rows_f16):
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
     for fn in (lib.lutlm_rmsnorm, lib.lutlm_add_rmsnorm, lib.lutlm_silu_mul, lib.lutlm_attend_one,
-               lib.lutlm_attend_one_f16):
+               lib.lutlm_attend_one_f16, lib.lutlm_rmsnorm_rows, lib.lutlm_add_rmsnorm_rows, lib.lutlm_attend_rows,
+               lib.lutlm_attend_rows_f16):
         fn.restype = None
     return lib
 
@@ -50,11 +55,14 @@ CACHE_DTYPES = (torch.float32, torch.float16)
 MAX_HEAD_DIM = 256  # runtime_csrc/decode_ops.cpp's MAX_HEAD_DIM: its buffer of widened fp16 rows
 
 
-def attend_function(cache_dtype: torch.dtype):
-    """The C attention for a KV cache of `cache_dtype` (float32 or float16)."""
+def attend_function(cache_dtype: torch.dtype, rows: bool = False):
+    """The C attention for a KV cache of `cache_dtype` (float32 or float16): of one token
+    (lutlm_attend_one), or of one token per sequence over the slots of a KVCache (`rows`)."""
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"the decode attention takes a float32 or float16 KV cache, not {cache_dtype}")
     lib = library()
+    if rows:
+        return lib.lutlm_attend_rows if cache_dtype == torch.float32 else lib.lutlm_attend_rows_f16
     return lib.lutlm_attend_one if cache_dtype == torch.float32 else lib.lutlm_attend_one_f16
 
 
@@ -120,4 +128,29 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
            k_cache.data_ptr(), v_cache.data_ptr(), n_heads, n_kv, head_dim, max_seq, pos, scores.data_ptr(),
            out.data_ptr())
+    return out
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+    """attend_one for B sequences: q [B, H, D], k and v [B, Hkv, D], cos and sin tables
+    [S, D], caches [slots, Hkv, S, D]; row b at positions[b] of slot slots[b]."""
+    batch, n_heads, head_dim = q.shape
+    n_slots, n_kv, max_seq, _ = k_cache.shape
+    if len(slots) != batch or len(positions) != batch:
+        raise ValueError(f"{batch} rows need one slot and one position each, got {slots} and {positions}")
+    if any(not 0 <= s < n_slots for s in slots) or any(not 0 <= p < max_seq for p in positions):
+        raise ValueError(f"slots {slots} at positions {positions} do not fit the cache of {n_slots} x {max_seq}")
+    attend = attend_function(k_cache.dtype, rows=True)
+    for name, t, shape in (("q", q, (batch, n_heads, head_dim)), ("k", k, (batch, n_kv, head_dim)),
+                           ("v", v, (batch, n_kv, head_dim)), ("cos", cos, (max_seq, head_dim)),
+                           ("sin", sin, (max_seq, head_dim))):
+        _check(name, t, shape)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(name, t, (n_slots, n_kv, max_seq, head_dim), k_cache.dtype)
+    index = torch.tensor([slots, positions], dtype=torch.int64)
+    scores, out = torch.empty(n_heads // n_kv * max_seq), torch.empty(batch, n_heads, head_dim)
+    attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+           v_cache.data_ptr(), n_kv * max_seq * head_dim, index[0].data_ptr(), index[1].data_ptr(), batch, n_heads,
+           n_kv, head_dim, max_seq, scores.data_ptr(), out.data_ptr())
     return out

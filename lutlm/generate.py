@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -10,6 +11,7 @@ import torch
 
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.gpu_decode import gpu_decoder_for
+from lutlm.kv_cache import KVCache
 from lutlm.model import Transformer, model_device
 from lutlm.tokenizer import Tokenizer
 
@@ -28,18 +30,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 means none; Hugging Face's rule (divide positive logits)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens through end tokens (fixed lengths, for benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, history: list[int], rng: torch.Generator | None) -> int:
@@ -85,9 +88,50 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds and steps > 0 else 0.0
 
 
+class TextStream:
+    """Token ids in, text out as it becomes final: no partial UTF-8 character and nothing that
+    might still turn into a stop string is emitted early; text from a stop string on never is."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already given out
+        self.longest_stop = max((len(s) for s in stop), default=0)
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that `token` makes final ("" if none); sets `stopped` at a stop string."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character is still incomplete
+        hits = [i for i in (text.find(s, max(0, self.emitted - self.longest_stop)) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(text, min(hits))
+        safe = len(text)
+        for s in self.stop:  # hold back a tail that could begin a stop string
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    safe = min(safe, len(text) - n)
+                    break
+        return self._emit(text, safe)
+
+    def finish(self) -> str:
+        """What is held back, once no token will follow (nothing after a stop string)."""
+        return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:end], end
+        return piece
+
+
 class Generator:
-    """Generates for one sequence at a time, keeping the KV cache of the previous call so
-    that a prompt extending it (a chat's next turn) only prefills what is new."""
+    """Generates for one sequence at a time over a KV cache of its own, which it keeps between
+    calls so that a prompt extending the last one (a chat's next turn) only prefills what is new."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, context_length: int | None = None):
         self.model = model
@@ -98,18 +142,18 @@ class Generator:
             self.eos_ids.add(tokenizer.eos_id)
         # Token ids go where the model runs, which its rotary table shows (CPU for stand-ins without one).
         self.device = model_device(model)
+        self.cache: KVCache | None = None  # allocated by the first call
         self._cached: list[int] = []  # tokens whose keys and values sit in the cache
-        self._cache_allocation = model.cache_allocations  # ... as long as the cache is the same one
         # One-token steps without PyTorch's per-operation overhead, where supported.
         self.fast_decoder = fast_decoder_for(model) or gpu_decoder_for(model)
         self.stats = GenerationStats()
 
     def _run(self, tokens: list[int], start_pos: int) -> torch.Tensor:
         if len(tokens) == 1 and self.fast_decoder is not None:
-            logits = self.fast_decoder(tokens[0], start_pos)
+            logits = self.fast_decoder(tokens[0], start_pos, self.cache)
         else:
             x = torch.tensor([tokens], dtype=torch.long, device=self.device)
-            logits = self.model(x, start_pos, last_logits_only=True)[0, -1]
+            logits = self.model(x, start_pos, last_logits_only=True, cache=self.cache)[0, -1]
         self._cached = self._cached[:start_pos] + tokens
         return logits
 
@@ -122,9 +166,8 @@ class Generator:
                 f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"context length {self.context_length}"
             )
-        self.model.setup_cache(1, self.context_length, dtype=GENERATION_CACHE_DTYPE)
-        if self.model.cache_allocations != self._cache_allocation:  # replaced (here, or by another user)
-            self._cached, self._cache_allocation = [], self.model.cache_allocations
+        if self.cache is None:
+            self.cache = KVCache(self.model.config, 1, self.context_length, GENERATION_CACHE_DTYPE, self.device)
         rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         reuse = 0
         while reuse < min(len(self._cached), len(prompt) - 1) and self._cached[reuse] == prompt[reuse]:
@@ -142,7 +185,7 @@ class Generator:
             token = sample_next(logits, params, history, rng)
             history.append(token)
             self.stats.generated_tokens += 1
-            if token in self.eos_ids:
+            if token in self.eos_ids and not params.ignore_eos:
                 self.stats.finish_reason = "stop"
                 break
             yield token
@@ -154,35 +197,16 @@ class Generator:
         self.stats.decode_seconds = time.perf_counter() - start
 
     def stream_text(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
-        """Yield text pieces as they become final: no partial UTF-8 character and nothing
-        that might still turn into a stop string is emitted early."""
-        ids: list[int] = []
-        emitted = 0
-        longest_stop = max((len(s) for s in params.stop), default=0)
+        """Yield text pieces as they become final (TextStream's rules)."""
+        text = TextStream(self.tokenizer, params.stop)
         for token in self.generate_ids(prompt, params):
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is still incomplete
-            hits = [i for i in (text.find(s, max(0, emitted - longest_stop)) for s in params.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                if cut > emitted:
-                    yield text[emitted:cut]
+            if piece := text.add(token):
+                yield piece
+            if text.stopped:
                 self.stats.finish_reason = "stop"
                 return
-            safe = len(text)
-            for s in params.stop:  # hold back a tail that could begin a stop string
-                for n in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:n]):
-                        safe = min(safe, len(text) - n)
-                        break
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = self.tokenizer.decode(ids)
-        if len(text) > emitted:
-            yield text[emitted:]
+        if piece := text.finish():
+            yield piece
 
     def complete(self, prompt: list[int], params: SamplingParams) -> str:
         return "".join(self.stream_text(prompt, params))

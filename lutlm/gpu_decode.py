@@ -17,11 +17,10 @@ memory (it did: 1.7x the weights of a 7B model). The small operations are lutlm.
 packed products go straight to the dispatcher (lutlm.kernels.gpu), whose GEMV also starts loading
 its weights while the kernel before it finishes, where the GPU supports it (PDL: the weights are
 no kernel's output). The position lives in a device tensor, so the step is captured once as a
-CUDA graph and replayed for every token; the graph is captured again if setup_cache replaces the
-KV cache.
+CUDA graph and replayed for every token; the graph is captured again for another KV cache.
 
-The KV cache is the model's own: prompts are prefilled by `model.forward` and the following
-tokens decoded here.
+The KV cache is the caller's (lutlm.kv_cache; slot 0): prompts are prefilled by `model.forward`
+into it and the following tokens decoded here.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from lutlm.kernels import interpreter_enabled
+from lutlm.kv_cache import KVCache
 from lutlm.linear import PackedLinear
 from lutlm.model import Transformer
 
@@ -111,8 +111,8 @@ class _Concatenated(nn.Module):
 
 
 class GpuDecoder:
-    """`decoder(token, pos)` -> logits [vocab] (fp32) of the token at position `pos`, batch row 0
-    of the model's KV cache, which must hold positions 0..pos-1."""
+    """`decoder(token, pos, cache)` -> logits [vocab] (fp32) of the token at position `pos` of
+    slot 0 of `cache` (default: the model's setup_cache one), which must hold positions 0..pos-1."""
 
     def __init__(self, model: Transformer):
         reason = unsupported_reason(model)
@@ -133,7 +133,7 @@ class GpuDecoder:
             self.layers.append(dict(
                 qkv=stack_rows([a.q_proj, a.k_proj, a.v_proj]), o=a.o_proj,
                 gate_up=stack_rows([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj,
-                attention=a, input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm))
+                input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm))
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.int32, device=dev)
         self.x = torch.zeros(1, c.hidden_size, dtype=torch.float16, device=dev)
@@ -142,7 +142,7 @@ class GpuDecoder:
         self.act = torch.zeros(1, c.intermediate_size, dtype=torch.float16, device=dev)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._cache_owner: torch.Tensor | None = None  # the k_cache the graph was captured on
+        self.cache: KVCache | None = None  # the cache the step runs on (and the graph was captured on)
 
     def product(self, linear: nn.Module, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """linear(x) in the step; gated: x is [gate | up] and the product is of SiLU(gate) * up."""
@@ -158,11 +158,11 @@ class GpuDecoder:
         m, ops = self.model, self.ops
         torch.index_select(m.model.embed_tokens.weight, 0, self.token, out=self.x)
         delta = None
-        for layer in self.layers:
-            norm, a = layer["input_norm"], layer["attention"]
+        for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
+            norm = layer["input_norm"]
             ops.add_rms_norm(self.x, delta, norm.weight, norm.eps, self.h)
             qkv = self.product(layer["qkv"], self.h)
-            ops.rope_attention(qkv.view(-1), m.inv_freq, self.position, a.k_cache, a.v_cache, self.attn)
+            ops.rope_attention(qkv.view(-1), m.inv_freq, self.position, k_cache[:1], v_cache[:1], self.attn)
             delta = self.product(layer["o"], self.attn.view(1, -1))
             norm = layer["post_norm"]
             ops.add_rms_norm(self.x, delta, norm.weight, norm.eps, self.h)
@@ -178,22 +178,23 @@ class GpuDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.step()
-        self._cache_owner = self.model.model.layers[0].self_attn.k_cache
 
     @torch.inference_mode()
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        k_cache = self.model.model.layers[0].self_attn.k_cache
-        if k_cache is None:
-            raise ValueError("the model has no KV cache; call model.setup_cache first")
-        if not 0 <= pos < k_cache.shape[2]:
-            raise ValueError(f"position {pos} does not fit the KV cache of {k_cache.shape[2]} positions")
+    def __call__(self, token: int, pos: int, cache: KVCache | None = None) -> torch.Tensor:
+        cache = self.model.cache if cache is None else cache
+        if cache is None:
+            raise ValueError("no KV cache: pass one, or call model.setup_cache first")
+        if not 0 <= pos < cache.max_seq:
+            raise ValueError(f"position {pos} does not fit the KV cache of {cache.max_seq} positions")
         if not 0 <= token < self.vocab:
             raise ValueError(f"token {token} is outside the vocabulary of {self.vocab}")
         self.token.fill_(token)
         self.position.fill_(pos)
+        recapture = cache is not self.cache
+        self.cache = cache
         if not self.use_graph:  # Triton's interpreter on the CPU (the tests): eager steps
             return self.step()[0].float()
-        if self.graph is None or k_cache is not self._cache_owner:
+        if self.graph is None or recapture:
             self._capture()  # its eager step wrote this position's k and v; the replay rewrites the same
         self.graph.replay()
         return self.logits[0].float()

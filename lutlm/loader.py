@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import sys
+import time
 
 import torch
 from torch import nn
@@ -137,3 +140,45 @@ def checkpoint_model(checkpoint: Checkpoint, backend: str | None = None, progres
             if backend == "cpu" and "lm_head" in modules:
                 modules.update(gguf_embedding(checkpoint))
     return build_model(checkpoint, backend, modules=modules)
+
+
+def set_threads(n: int | None) -> None:
+    """`-t N`: at most the cores this process may use (more threads than cores only wait on each
+    other; a thousand would each hold a stack and spin), said in one line when capped."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"-t/--threads must be at least 1, got {n}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > cores:
+        print(f"lutlm: -t {n} is more than the {cores} cores this process may use; using {cores}", file=sys.stderr)
+        n = cores
+    torch.set_num_threads(n)
+    from lutlm.kernels import cpu
+
+    if cpu.available():
+        cpu.set_num_threads(n)
+
+
+def load_for_command(args) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    """The model, tokenizer and checkpoint a command runs on (args: -m, -t, --backend,
+    --layout-cache), with the threads set. The checkpoint comes back without its packed weights:
+    the model holds them in its kernels' layout."""
+    from lutlm.fast_decode import unsupported_reason
+    from lutlm.linear import linear_summary
+    from lutlm.native import return_freed_memory
+
+    set_threads(args.threads)
+    start = time.perf_counter()
+    layout_cache = getattr(args, "layout_cache", None) or os.environ.get("LUTLM_LAYOUT_CACHE")
+    model, tokenizer, checkpoint = load_model(args.model, backend=args.backend, layout_cache=layout_cache)
+    if unsupported_reason(model) is None:
+        # Every linear runs on the kernels' own thread pool; PyTorch (attention and norms of a
+        # prompt) keeps one thread, as `bench e2e` runs it: its OpenMP workers spin-wait after
+        # each operation and would take the cores the kernels need.
+        torch.set_num_threads(1)
+    print(f"loaded {checkpoint.source} in {time.perf_counter() - start:.1f} s: "
+          f"{linear_summary(model, checkpoint.tensor_types)}", file=sys.stderr)
+    checkpoint = dataclasses.replace(checkpoint, packed={})
+    return_freed_memory()
+    return model, tokenizer, checkpoint

@@ -8,12 +8,14 @@ can swap for a low-bit one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lutlm.config import ModelConfig
+from lutlm.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -77,33 +79,41 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: Rows,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-
-        end = start_pos + seq
-        self.k_cache[:batch, :, start_pos:end] = k
-        self.v_cache[:batch, :, start_pos:end] = v
-        keys = self.k_cache[:batch, :, :end].to(q.dtype)  # a copy only where the cache is narrower
-        values = self.v_cache[:batch, :, :end].to(q.dtype)
-
-        if seq == 1:
-            mask, causal = None, False  # one new token attends to everything cached
-        elif start_pos == 0:
-            mask, causal = None, True  # SDPA's own causal mask skips the masked blocks (1.6x at 1536 tokens)
-        else:
-            # Query i sits at position start_pos + i and sees keys up to that position.
-            rows = torch.arange(start_pos, end, device=x.device).unsqueeze(1)
-            mask, causal = torch.arange(end, device=x.device).unsqueeze(0) <= rows, False
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if rows.slots is None:  # rows 0..B-1 of the cache at one position: one attention call
+            out = attend(q, k, v, k_cache[:batch], v_cache[:batch], rows.starts[0])
+        else:  # each sequence over its own slot, as it would run alone
+            out = torch.cat([attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], k_cache[s:s + 1], v_cache[s:s + 1], start)
+                             for b, (s, start) in enumerate(zip(rows.slots, rows.starts))])
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           start_pos: int) -> torch.Tensor:
+    """Store k and v at start_pos.. of the caches (rows matching q's), then attend over them."""
+    seq = q.shape[2]
+    end = start_pos + seq
+    k_cache[:, :, start_pos:end] = k
+    v_cache[:, :, start_pos:end] = v
+    keys = k_cache[:, :, :end].to(q.dtype)  # a copy only where the cache is narrower
+    values = v_cache[:, :, :end].to(q.dtype)
+    if seq == 1:
+        mask, causal = None, False  # one new token attends to everything cached
+    elif start_pos == 0:
+        mask, causal = None, True  # SDPA's own causal mask skips the masked blocks
+    else:
+        # Query i sits at position start_pos + i and sees keys up to that position.
+        rows = torch.arange(start_pos, end, device=q.device).unsqueeze(1)
+        mask, causal = torch.arange(end, device=q.device).unsqueeze(0) <= rows, False
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -125,8 +135,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: Rows, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rows, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,6 +154,15 @@ def model_device(model: nn.Module) -> torch.device:
     return getattr(getattr(model, "inv_freq", None), "device", torch.device("cpu"))
 
 
+@dataclass
+class Rows:
+    """Where a forward pass's rows go: row b at positions starts[b].. of cache slot slots[b];
+    slots None: row b in slot b, all at one position (a batch of one length)."""
+
+    starts: list[int]
+    slots: list[int] | None
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -152,48 +172,46 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-        self.max_batch = 0
-        self.max_seq_len = 0
-        self.cache_allocations = 0  # counts setup_cache's new caches: what a cache held is gone
+        self.cache: KVCache | None = None  # setup_cache's, for callers that pass none
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                    fresh: bool = False) -> None:
-        """Preallocate the KV cache; generation never allocates per token. `dtype`: the cache's
-        (default the model's float type); generation keeps it in float16, as llama.cpp does,
-        which halves what a decode step reads at long contexts. A cache that fits is kept unless
-        `fresh`: then new buffers of exactly this size replace it (a smaller cache frees memory;
-        training needs buffers that no earlier autograd graph holds)."""
-        if max_seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"context {max_seq_len} exceeds the model's {self.config.max_position_embeddings} positions"
-            )
+                    fresh: bool = False) -> KVCache:
+        """The default KV cache, used by forward calls that pass none (scoring, calibration; a
+        generator or server owns its caches). `dtype`: the cache's (default the model's float
+        type). A cache that fits is kept unless `fresh`: then a new one of exactly this size
+        replaces it (a smaller cache frees memory; training needs buffers that no earlier
+        autograd graph holds)."""
         dtype = dtype or self.model.norm.weight.dtype
-        cache = self.model.layers[0].self_attn.k_cache
-        fits = cache is not None and max_batch <= self.max_batch and max_seq_len <= self.max_seq_len
-        if fits and cache.dtype == dtype and not fresh:
-            return
-        c = self.config
-        device = self.model.norm.weight.device
-        for layer in self.model.layers:
-            shape = (max_batch, c.num_key_value_heads, max_seq_len, c.head_dim)
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.cache_allocations += 1
+        if self.cache is None or fresh or not self.cache.fits(max_batch, max_seq_len, dtype):
+            self.cache = None  # the old buffers go before the new ones come
+            self.cache = KVCache(self.config, max_batch, max_seq_len, dtype, self.model.norm.weight.device)
+        return self.cache
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_logits_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] at positions start_pos .. start_pos+T-1 -> logits [B, T, vocab] (or [B, 1, vocab])."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | list[int] = 0, last_logits_only: bool = False,
+                cache: KVCache | None = None, slots: list[int] | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab]). Row b sits at positions
+        start_pos .. start_pos+T-1 (or start_pos[b]..: one start per row) of `cache` (default
+        setup_cache's), in slot slots[b] (default b)."""
         batch, seq = tokens.shape
-        if batch > self.max_batch or start_pos + seq > self.max_seq_len:
-            raise ValueError(
-                f"batch {batch} at positions {start_pos}..{start_pos + seq} does not fit the KV cache "
-                f"({self.max_batch} x {self.max_seq_len}); call setup_cache first"
-            )
-        cos, sin = rope_tables(self.inv_freq, start_pos, seq, self.model.norm.weight.dtype)
+        cache = self.cache if cache is None else cache
+        if cache is None:
+            raise ValueError("no KV cache: pass one, or call setup_cache first")
+        starts = [start_pos] * batch if isinstance(start_pos, int) else [int(p) for p in start_pos]
+        rows = Rows(starts, None if slots is None and isinstance(start_pos, int) else
+                    list(range(batch)) if slots is None else [int(s) for s in slots])
+        if len(starts) != batch or (rows.slots is not None and len(rows.slots) != batch) or min(starts) < 0:
+            raise ValueError(f"{batch} rows need one start position and one slot each, got {start_pos} and {slots}")
+        cache.check(rows.slots or range(batch), max(starts) + seq)
+        dtype = self.model.norm.weight.dtype
+        if rows.slots is None:
+            cos, sin = rope_tables(self.inv_freq, starts[0], seq, dtype)
+        else:  # [B, 1, T, head_dim]: each row's own positions, for all heads
+            tables = [rope_tables(self.inv_freq, start, seq, dtype) for start in starts]
+            cos, sin = (torch.stack([t[i] for t in tables]).unsqueeze(1) for i in (0, 1))
 
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos)
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
+            x = layer(x, cos, sin, rows, k_cache, v_cache)
         x = self.model.norm(x)
         if last_logits_only:
             x = x[:, -1:]

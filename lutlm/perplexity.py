@@ -18,7 +18,10 @@ from tqdm import tqdm
 
 from lutlm.model import model_device
 
-DEFAULT_TEXT = os.path.join("..", "shared", "data", "wikitext-2-raw-test.txt")
+# The held-out text (WikiText-2 raw, test split) beside the repository, found from the package's
+# own place so that `lutlm ppl` and calibration work from any current directory.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEXT = os.path.normpath(os.path.join(PACKAGE_ROOT, "..", "shared", "data", "wikitext-2-raw-test.txt"))
 
 
 @dataclass
@@ -36,22 +39,38 @@ class PerplexityResult:
         return math.exp(mean - 1.96 * self.nll_std_error), math.exp(mean + 1.96 * self.nll_std_error)
 
 
-def read_text(path: str) -> str:
+def check_text_file(path: str, option: str = "--text") -> None:
+    """Refuse a text that cannot be read, before a model is loaded for it."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such text file for perplexity")
-    with open(path, encoding="utf-8", newline="") as f:  # keep CRLF: tokens must not depend on the OS
-        return f.read()
+        hint = (" (the default, WikiText-2's test split, is read from beside the repository; pass a text file with "
+                f"{option})") if os.path.abspath(path) == DEFAULT_TEXT else ""
+        raise FileNotFoundError(f"{path}: no such text file{hint}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a file; {option} names a UTF-8 text file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable")
+
+
+def read_text(path: str) -> str:
+    check_text_file(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # keep CRLF: tokens must not depend on the OS
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def chunk_starts(n_tokens: int, ctx: int, max_chunks: int | None, exclude: tuple[int, int] | None) -> list[int]:
     """Start offsets of the chunks to score, skipping any that overlap the `exclude` token range
     (for example the calibration slice a quantizer saw)."""
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"--max-chunks is {max_chunks}; expected at least 1 (leave it out to score every chunk)")
     starts = []
     for start in range(0, n_tokens - ctx + 1, ctx):
         if exclude and start < exclude[1] and exclude[0] < start + ctx:
             continue
         starts.append(start)
-    return starts[:max_chunks] if max_chunks else starts
+    return starts if max_chunks is None else starts[:max_chunks]
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, and /health
-(queue state and counters).
+(slots, queue and counters).
 
-A model instance holds one KV cache and is not thread-safe, so generation runs on a single
-worker thread fed by a bounded wait queue; a request that finds the queue full gets 429.
-Streamed answers are server-sent events (`data: {...}`, then `data: [DONE]`). A client that
-disconnects cancels its generation between two tokens, which frees the worker at once.
-Every refused request gets OpenAI's error shape:
-``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``.
+Generation runs on lutlm.engine's loop, which decodes every running request together as one
+batch (continuous batching): `parallel` requests run at once, each in a KV cache slot of
+`context_length` positions, and up to `max_queue` more wait for a slot; beyond that a request
+gets 429. Streamed answers are server-sent events (`data: {...}`, then `data: [DONE]`). A client
+that disconnects cancels its request, which leaves the batch at the next step. Parameters the
+server does not implement are refused, not ignored. Every refused request gets OpenAI's error
+shape: ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import contextlib
 import ipaddress
 import json
 import os
-import queue
 import socket
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, AsyncIterator, Iterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -32,8 +32,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lutlm.engine import DEFAULT_STEP_TOKENS, Engine, QueueFull, TokenLogprob
+from lutlm.engine import Request as GenerationRequest
 from lutlm.formats import Checkpoint
-from lutlm.generate import GenerationStats, Generator, SamplingParams
+from lutlm.generate import GenerationStats, SamplingParams
 from lutlm.model import Transformer
 from lutlm.tokenizer import Tokenizer
 
@@ -59,7 +61,8 @@ class APIError(Exception):
 # ---- request schemas -------------------------------------------------------------------------
 
 class Schema(BaseModel):
-    # Strict like OpenAI ("5" is not an integer); unknown fields (user, presence_penalty, ...) are ignored.
+    # Strict like OpenAI ("5" is not an integer); unknown fields (user, metadata, ...) are ignored, but
+    # those that would change the answer and are not implemented are refused first (UNSUPPORTED).
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -68,7 +71,8 @@ class StreamOptions(Schema):
 
 
 class SamplingFields(Schema):
-    """Fields both endpoints share. top_k and repetition_penalty are extensions, as in llama.cpp's server."""
+    """Fields both endpoints share. top_k, repetition_penalty and ignore_eos are extensions, as in
+    llama.cpp's server."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -78,6 +82,7 @@ class SamplingFields(Schema):
     repetition_penalty: float = Field(1.0, gt=0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
     n: Literal[1] = 1  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -85,6 +90,10 @@ class SamplingFields(Schema):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the most likely alternatives per token
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(Schema):
@@ -103,6 +112,13 @@ class ChatMessage(Schema):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs' to be true.", "top_logprobs", "invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _param_path(loc: tuple) -> str:
@@ -127,6 +143,30 @@ def _validation_error(error: ValidationError) -> APIError:
     return APIError(400, f"Invalid '{first}': {'; or '.join(reasons)}.", first, "invalid_value")
 
 
+def _unset(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+# Parameters OpenAI defines that this server does not implement: name -> whether a value is
+# harmless (absent, or the default). Any other value is refused rather than silently ignored.
+UNSUPPORTED = {
+    "tools": _unset, "functions": _unset, "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"), "parallel_tool_calls": lambda v: v is None,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": _unset,
+    "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
+    "echo": _unset, "best_of": lambda v: v in (None, 1), "suffix": lambda v: v in (None, ""),
+    "audio": _unset, "modalities": lambda v: v in (None, ["text"]), "prediction": _unset,
+}
+
+
+def refuse_unsupported(data: dict) -> None:
+    for name, harmless in UNSUPPORTED.items():
+        if name in data and not harmless(data[name]):
+            raise APIError(400, f"'{name}' is not supported by this server; leave it out.", name,
+                           "unsupported_parameter")
+
+
 def parse_request(schema: type[Schema], body: bytes) -> Schema:
     try:
         data = json.loads(body)
@@ -135,6 +175,7 @@ def parse_request(schema: type[Schema], body: bytes) -> Schema:
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
                        code="invalid_json")
+    refuse_unsupported(data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -155,31 +196,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-# ---- the generation worker -------------------------------------------------------------------
-
-class CancellableGenerator(Generator):
-    """A Generator that stops between two tokens once `cancel` is set."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cancel = threading.Event()  # the worker swaps in each job's own flag
-
-    def generate_ids(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        with contextlib.closing(super().generate_ids(prompt, params)) as tokens:
-            for token in tokens:
-                yield token
-                if self.cancel.is_set():
-                    self.stats.finish_reason = "cancelled"
-                    return
-
+# ---- requests on the engine -----------------------------------------------------------------
 
 @dataclass
 class Job:
-    """One request's generation. The worker thread posts ("text", piece), then ("done", stats)
-    or ("error", exception), onto `events`, which the request's handler reads on the event loop."""
+    """One request's events, carried from the engine's thread to the request's handler on the
+    event loop: ("text", piece), then ("done", stats) or ("error", exception)."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -191,107 +214,77 @@ class Job:
             self.cancelled.set()
 
 
-class GenerationWorker:
-    """Runs jobs one at a time on one thread, in arrival order, with at most `max_queue` waiting."""
-
-    def __init__(self, generator: CancellableGenerator, max_queue: int):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.generator = generator
-        self.max_queue = max_queue
-        self._waiting: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
-        self.running: Job | None = None
-        # Counters for /health; only the worker thread writes them.
-        self.completed = self.cancelled = self.failed = self.generated_tokens = 0
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting.qsize()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve_jobs, name="lutlm-generation", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                job = self._waiting.get_nowait()
-                if job is not None:
-                    job.cancelled.set()
-        if self.running is not None:
-            self.running.cancelled.set()
-        self._waiting.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def submit(self, job: Job) -> None:
-        try:
-            self._waiting.put_nowait(job)
-        except queue.Full:
-            raise APIError(
-                429, f"The server is busy: {self.max_queue} requests are already waiting. Retry later.",
-                code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"},
-            ) from None
-
-    def _serve_jobs(self) -> None:
-        while (job := self._waiting.get()) is not None:
-            if job.cancelled.is_set():  # its client left while it waited
-                self.cancelled += 1
-                continue
-            self.running = job
-            self._run(job)
-            self.running = None
-
-    def _run(self, job: Job) -> None:
-        self.generator.cancel = job.cancelled
-        try:
-            for piece in self.generator.stream_text(job.prompt_ids, job.params):
-                job.post("text", piece)
-        except Exception as e:  # the worker must outlive any one request's failure
-            self.failed += 1
-            job.post("error", e)
-            return
-        self.generated_tokens += self.generator.stats.generated_tokens
-        if job.cancelled.is_set():
-            self.cancelled += 1
-        else:
-            self.completed += 1
-            job.post("done", self.generator.stats)
-
-
 # ---- response shapes -------------------------------------------------------------------------
 
 class CompletionReply:
-    """The /v1/completions response and stream chunk shapes."""
+    """The /v1/completions response and stream chunk shapes. `tokenizer`: where logprobs were
+    asked for, to spell the tokens (their text offsets count from the completion's start)."""
 
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer
+        self.offset = 0
 
     def opening_choice(self) -> dict | None:
         return None
 
-    def stream_choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def stream_choice(self, text: str, finish_reason: str | None, tokens: list[TokenLogprob] = ()) -> dict:
+        return {"index": 0, "text": text, "logprobs": self.logprobs(tokens), "finish_reason": finish_reason}
 
-    def full_choice(self, text: str, finish_reason: str) -> dict:
-        return self.stream_choice(text, finish_reason)
+    def full_choice(self, text: str, finish_reason: str, tokens: list[TokenLogprob] = ()) -> dict:
+        return self.stream_choice(text, finish_reason, tokens)
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> dict | None:
+        if self.tokenizer is None:
+            return None
+        spell = self.tokenizer.decode
+        texts = [spell([t.token]) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [self._by_text(t.top) for t in tokens], "text_offset": offsets}
+
+    def _by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """{text: logprob}, most likely first; tokens that read the same (bytes of an unfinished
+        character all read "\ufffd") keep the likelier one."""
+        by_text = {}
+        for token, logprob in top:
+            by_text.setdefault(self.tokenizer.decode([token]), logprob)
+        return by_text
 
 
 class ChatReply:
-    """The /v1/chat/completions response and stream chunk shapes."""
+    """The /v1/chat/completions response and stream chunk shapes (`tokenizer`: as CompletionReply's)."""
 
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer
 
     def opening_choice(self) -> dict | None:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def stream_choice(self, text: str, finish_reason: str | None) -> dict:
+    def stream_choice(self, text: str, finish_reason: str | None, tokens: list[TokenLogprob] = ()) -> dict:
         delta = {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": delta, "logprobs": self.logprobs(tokens), "finish_reason": finish_reason}
 
-    def full_choice(self, text: str, finish_reason: str) -> dict:
+    def full_choice(self, text: str, finish_reason: str, tokens: list[TokenLogprob] = ()) -> dict:
         message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "message": message, "logprobs": self.logprobs(tokens), "finish_reason": finish_reason}
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> dict | None:
+        if self.tokenizer is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}
 
 
 def usage(stats: GenerationStats) -> dict:
@@ -322,11 +315,12 @@ def model_id_for(checkpoint: Checkpoint) -> str:
 
 
 class CompletionService:
-    """Checks requests against the limits, queues them, and turns their jobs into responses."""
+    """Checks requests against the limits, submits them to the engine, and turns their jobs into
+    responses."""
 
-    def __init__(self, worker: GenerationWorker, tokenizer: Tokenizer, model_id: str, context_length: int,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_id: str, context_length: int,
                  max_tokens: int, max_body_bytes: int):
-        self.worker = worker
+        self.engine = engine
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.context_length = context_length
@@ -342,7 +336,9 @@ class CompletionService:
         self.check_model(req.model)
         prompt_ids = self._completion_prompt_ids(req.prompt)
         max_tokens = self._token_budget(prompt_ids, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
-        return await self._answer(request, req, prompt_ids, max_tokens, CompletionReply())
+        top = req.top_logprobs_wanted()
+        reply = CompletionReply(self.tokenizer if top is not None else None)
+        return await self._answer(request, req, prompt_ids, max_tokens, reply, top)
 
     async def chat_completion(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request, self.max_body_bytes))
@@ -354,7 +350,9 @@ class CompletionService:
             raise APIError(400, str(e), "messages") from e
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = self._token_budget(prompt_ids, requested, self.max_tokens, "messages")
-        return await self._answer(request, req, prompt_ids, max_tokens, ChatReply())
+        top = req.top_logprobs_wanted()
+        return await self._answer(request, req, prompt_ids, max_tokens,
+                                  ChatReply(self.tokenizer if top is not None else None), top)
 
     def check_model(self, model: str) -> None:
         if model != self.model_id:
@@ -363,10 +361,13 @@ class CompletionService:
 
     def _completion_prompt_ids(self, prompt: str | list) -> list[int]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
-            ids = self.tokenizer.encode(prompt if isinstance(prompt, str) else prompt[0])
+            try:  # text a tokenizer cannot take (a lone surrogate) is the client's error
+                ids = self.tokenizer.encode(prompt if isinstance(prompt, str) else prompt[0])
+            except ValueError as e:
+                raise APIError(400, str(e), "prompt", "invalid_value") from e
         else:
             ids = prompt
-            vocab = self.worker.generator.model.config.vocab_size
+            vocab = self.engine.model.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"Token id {bad[0]} in 'prompt' is outside the vocabulary (0..{vocab - 1}).",
@@ -393,13 +394,14 @@ class CompletionService:
         return max_tokens
 
     async def _answer(self, request: Request, req: SamplingFields, prompt_ids: list[int], max_tokens: int,
-                      reply: CompletionReply | ChatReply) -> Response:
+                      reply: CompletionReply | ChatReply, top_logprobs: int | None) -> Response:
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         # The schema's bounds are within SamplingParams' own, so this cannot raise.
         params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                top_p=req.top_p, repetition_penalty=req.repetition_penalty, stop=stop, seed=req.seed)
-        job = Job(prompt_ids, params, asyncio.get_running_loop())
-        self.worker.submit(job)
+                                top_p=req.top_p, repetition_penalty=req.repetition_penalty, stop=stop, seed=req.seed,
+                                ignore_eos=req.ignore_eos)
+        job = Job(asyncio.get_running_loop())
+        self.submit(GenerationRequest(prompt_ids, params, job.post, job.cancelled, top_logprobs))
         response_id = f"{reply.id_prefix}-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -411,28 +413,46 @@ class CompletionService:
             await asyncio.wait({gather, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             disconnect.cancel()
-            job.cancelled.set()  # if the client left, the worker stops; otherwise the job has ended anyway
+            job.cancelled.set()  # if the client left, the engine drops it; otherwise the job has ended anyway
         if not gather.done():
             gather.cancel()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        text, stats = gather.result()
-        body = self._envelope(response_id, reply.object, [reply.full_choice(text, stats.finish_reason)])
+        text, stats, tokens = gather.result()
+        body = self._envelope(response_id, reply.object, [reply.full_choice(text, stats.finish_reason, tokens)])
         body["usage"] = usage(stats)
         return JSONResponse(body)
+
+    def submit(self, request: GenerationRequest) -> None:
+        try:
+            self.engine.submit(request)
+        except QueueFull:
+            raise APIError(
+                429, f"The server is busy: all {self.engine.slots} slots are generating and {self.engine.max_queue} "
+                     f"requests are already waiting. Retry later.",
+                code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"},
+            ) from None
+
+    def health(self) -> dict:
+        e = self.engine
+        return {"status": "ok", "model": self.model_id, "slots": e.slots, "running": e.running,
+                "waiting": len(e.waiting), "completed": e.completed, "cancelled": e.cancelled, "failed": e.failed,
+                "generated_tokens": e.generated_tokens, "steps": e.steps}
 
     def _envelope(self, response_id: str, kind: str, choices: list[dict]) -> dict:
         return {"id": response_id, "object": kind, "created": int(time.time()), "model": self.model_id,
                 "choices": choices}
 
     @staticmethod
-    async def _gather(job: Job) -> tuple[str, GenerationStats]:
-        pieces = []
+    async def _gather(job: Job) -> tuple[str, GenerationStats, list[TokenLogprob]]:
+        pieces, tokens = [], []
         while True:
             kind, value = await job.events.get()
             if kind == "text":
                 pieces.append(value)
+            elif kind == "token":
+                tokens.append(value)
             elif kind == "done":
-                return "".join(pieces), value
+                return "".join(pieces), value, tokens
             else:
                 raise generation_failed(value)
 
@@ -442,15 +462,19 @@ class CompletionService:
         try:
             if (opening := reply.opening_choice()) is not None:
                 yield sse(chunk([opening]))
+            tokens = []  # logprobs of the tokens whose text has not been sent yet
             while True:
                 kind, value = await job.events.get()
-                if kind == "text":
-                    yield sse(chunk([reply.stream_choice(value, None)]))
+                if kind == "token":
+                    tokens.append(value)
+                elif kind == "text":
+                    yield sse(chunk([reply.stream_choice(value, None, tokens)]))
+                    tokens = []
                 elif kind == "error":
                     yield sse(generation_failed(value).payload())
                     return
                 else:
-                    yield sse(chunk([reply.stream_choice("", value.finish_reason)]))
+                    yield sse(chunk([reply.stream_choice("", value.finish_reason, tokens)]))
                     if include_usage:
                         yield sse(chunk([]) | {"usage": usage(value)})
                     break
@@ -461,26 +485,30 @@ class CompletionService:
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, *, context_length: int = 2048,
-               max_queue: int = 16, max_tokens: int = 1024, max_body_bytes: int = 1 << 20,
-               model_id: str | None = None) -> FastAPI:
-    """The HTTP app for one model. `max_queue` requests may wait while one generates; a request
-    may ask for at most `max_tokens` new tokens, and prompt + max_tokens must fit `context_length`."""
+               parallel: int = 4, max_queue: int = 16, max_tokens: int = 1024, max_body_bytes: int = 1 << 20,
+               step_tokens: int = DEFAULT_STEP_TOKENS, model_id: str | None = None) -> FastAPI:
+    """The HTTP app for one model. `parallel` requests generate together, each with a KV cache
+    slot of `context_length` positions (prompt + max_tokens must fit it), and `max_queue` more may
+    wait for a slot; a request may ask for at most `max_tokens` new tokens. A step of the engine
+    runs at most `step_tokens` rows (lutlm.engine)."""
     if not 1 <= context_length <= model.config.max_position_embeddings:
         raise ValueError(f"context_length must be in 1..{model.config.max_position_embeddings} "
                          f"(the model's positions), got {context_length}")
     if max_tokens < 1 or max_body_bytes < 1:
         raise ValueError(f"max_tokens and max_body_bytes must be >= 1, got {max_tokens} and {max_body_bytes}")
-    worker = GenerationWorker(CancellableGenerator(model, tokenizer, context_length), max_queue)
-    service = CompletionService(worker, tokenizer, model_id or model_id_for(checkpoint), context_length,
+    if parallel < 1:
+        raise ValueError(f"parallel (slots) must be >= 1, got {parallel}")
+    engine = Engine(model, tokenizer, parallel, context_length, max_queue, step_tokens)
+    service = CompletionService(engine, tokenizer, model_id or model_id_for(checkpoint), context_length,
                                 max_tokens, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        worker.start()
+        engine.start()
         try:
             yield
         finally:
-            worker.stop()
+            engine.stop()
 
     app = FastAPI(title="lutlm", lifespan=lifespan)
     app.state.service = service
@@ -517,9 +545,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": service.model_id, "running": int(worker.running is not None),
-                "waiting": worker.waiting, "completed": worker.completed, "cancelled": worker.cancelled,
-                "failed": worker.failed, "generated_tokens": worker.generated_tokens}
+        return service.health()
 
     return app
 
@@ -558,13 +584,15 @@ def is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> None:
     """`lutlm serve` (its options: lutlm.cli): load the model and serve until interrupted."""
-    from lutlm.cli import load
+    from lutlm.loader import load_for_command
 
-    model, tokenizer, checkpoint = load(args)
-    app = create_app(model, tokenizer, checkpoint, context_length=args.ctx, max_queue=args.max_queue,
-                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id)
+    model, tokenizer, checkpoint = load_for_command(args)
+    app = create_app(model, tokenizer, checkpoint, context_length=args.ctx, parallel=args.parallel,
+                     max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+                     step_tokens=args.step_tokens, model_id=args.model_id)
     service = app.state.service
-    print(f"serving '{service.model_id}' at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"serving '{service.model_id}' at http://{args.host}:{args.port}/v1 ({args.parallel} slots of "
+          f"{args.ctx} tokens)", file=sys.stderr)
     if not is_loopback(args.host):
         print("warning: the server is reachable from other machines and has no authentication", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)

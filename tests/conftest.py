@@ -14,6 +14,39 @@ from lutlm.perplexity import DEFAULT_TEXT  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The fast tier's markers (pyproject.toml registers them; `make test-fast` deselects them), applied
+# here by module and fixture so that a new test in these modules or on these fixtures is marked too.
+INTERPRETER_MODULES = {"test_kernels_gpu.py", "test_gpu_decode.py"}
+PEER_FIXTURES = {"llama_cpp_model", "llama_cpp_f32"}
+# Tests that open llama.cpp themselves, through open_llama_cpp or the peer's quantizer.
+PEER_TESTS = {
+    "test_e2e.py::test_synthetic_gguf_is_quantized_and_timed_by_llama_cpp",
+    "test_gguf_packed.py::test_q4_k_m_file_packs_its_q4_k_linears",
+    "test_ggml_groups.py::test_llama_cpp_runs_the_tiny_files_as_lutlm_reads_them",
+}
+REAL_MODEL_FIXTURES = {"bundled_path", "bundled", "wikitext_path"}
+# Over 5 s each on 2 cores without the real model (pytest --durations), for other reasons.
+SLOW_TESTS = {
+    "test_bench_gguf.py::test_bench_gguf_rows_report_and_files",  # 12 s: the whole GGUF bench on tiny files
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = os.path.basename(item.path)
+        name = getattr(item, "originalname", item.name)
+        test = f"{module}::{name}"
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in INTERPRETER_MODULES:
+            item.add_marker(pytest.mark.interpreter)
+        if fixtures & PEER_FIXTURES or test in PEER_TESTS:
+            item.add_marker(pytest.mark.peer)
+        # A test named for the bundled model loads it, through these fixtures or on its own.
+        if fixtures & REAL_MODEL_FIXTURES or "bundled" in name:
+            item.add_marker(pytest.mark.real_model)
+        if test in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def bundled_path() -> str:

@@ -371,7 +371,7 @@ def test_gguf_missing_config_metadata(tmp_path):
 def test_gguf_partial_rotary_is_refused(tmp_path):
     metadata, tensors = gguf_contents(hf_model())
     metadata["llama.rope.dimension_count"] = 8
-    gguf_error(write_gguf(tmp_path / "m.gguf", metadata, tensors), "rope.dimension_count 8 differs from head_dim 16")
+    gguf_error(write_gguf(tmp_path / "m.gguf", metadata, tensors), "llama.rope.dimension_count 8 differs from the head size 16")
 
 
 def test_gguf_unsupported_rope_scaling(tmp_path):
@@ -498,7 +498,7 @@ def test_hf_unsupported_architecture(hf_copy):
     cfg = json.loads((hf_copy / "config.json").read_text())
     cfg["architectures"] = ["MistralForCausalLM"]
     (hf_copy / "config.json").write_text(json.dumps(cfg))
-    hf_error(hf_copy, "unsupported architecture MistralForCausalLM")
+    hf_error(hf_copy, "unsupported architecture: architectures MistralForCausalLM")
 
 
 def test_hf_missing_tokenizer(hf_copy):

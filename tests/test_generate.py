@@ -36,12 +36,8 @@ class ScriptedModel:
         self.script = script
         self.calls: list[tuple[list[int], int]] = []
         self.vocab = vocab
-        self.cache_allocations = 0
 
-    def setup_cache(self, batch, seq, dtype=None):
-        pass
-
-    def __call__(self, tokens, start_pos, last_logits_only=False):
+    def __call__(self, tokens, start_pos, last_logits_only=False, cache=None):
         self.calls.append((tokens[0].tolist(), start_pos))
         produced = sum(1 for _, pos in self.calls) - 1
         logits = torch.zeros(1, 1, self.vocab)
@@ -133,12 +129,13 @@ def test_next_prompt_reuses_cached_prefix():
     fed, start = model.calls[0]
     assert (fed, start) == ([ord("!")], len(first) + 1)
     assert gen.stats.prefilled_tokens == 1
-    # A cache replaced in between (setup_cache by another user of the model) holds nothing.
-    model.cache_allocations += 1
+    # Another generator on the same model has a cache of its own: it starts from nothing.
+    other = Generator(model, tok, context_length=64)
     model.calls.clear()
-    gen.complete(first, SamplingParams(max_new_tokens=1))
+    other.complete(first, SamplingParams(max_new_tokens=1))
     assert model.calls[0] == (first, 0)
-    assert gen.stats.prefilled_tokens == len(first)
+    assert other.stats.prefilled_tokens == len(first)
+    assert other.cache is not gen.cache
 
 
 def test_chat_template_renders_with_jinja_sandbox():

@@ -375,8 +375,8 @@ def tiny_llama(path, **overrides):
         "llama.attention.head_count": (V.UINT32, 4), "llama.attention.head_count_kv": (V.UINT32, 2),
         "llama.attention.layer_norm_rms_epsilon": (V.FLOAT32, 1e-5), "llama.rope.freq_base": (V.FLOAT32, 1e4),
         "tokenizer.ggml.model": (V.STRING, "gpt2"),
-        "tokenizer.ggml.tokens": (V.ARRAY, [f"t{i}" for i in range(40)]),
-        "tokenizer.ggml.merges": (V.ARRAY, ["t 1"]),
+        "tokenizer.ggml.tokens": (V.ARRAY, [f"t{i}" for i in range(39)] + ["t1t2"]),
+        "tokenizer.ggml.merges": (V.ARRAY, ["t1 t2"]),
         "tokenizer.ggml.token_type": (V.ARRAY, [1] * 40),
         "tokenizer.ggml.bos_token_id": (V.UINT32, 1), "tokenizer.ggml.eos_token_id": (V.UINT32, 2),
     }

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from lutlm.gpu_decode import GpuDecoder, gpu_decoder_for, stack_rows, unsupported_reason  # noqa: E402
 from lutlm.kernels import gpu, gpu_ops  # noqa: E402
+from lutlm.kv_cache import KVCache  # noqa: E402
 from lutlm.linear import PackedLinear  # noqa: E402
 from lutlm.loader import build_model, to_fp16  # noqa: E402
 from lutlm.model import RMSNorm, rope_tables, rotate_half  # noqa: E402
@@ -111,9 +112,8 @@ def forward_then_decoder(model, steps: int = 5):
     with torch.inference_mode():
         expected = torch.stack([model(tokens[p].view(1, 1).to(DEVICE), p, last_logits_only=True)[0, -1].float()
                                 for p in range(steps)])
-    for layer in model.model.layers:  # a clean cache for the decoder
-        layer.self_attn.k_cache.zero_()
-        layer.self_attn.v_cache.zero_()
+    for cache in model.cache.keys + model.cache.values:  # a clean cache for the decoder
+        cache.zero_()
     decoder = GpuDecoder(model)
     got = torch.stack([decoder(int(tokens[p]), p).clone() for p in range(steps)])
     return expected, got
@@ -186,7 +186,10 @@ def test_decoder_refuses_bad_calls_and_follows_the_cache():
         decoder(128, 1)
     model.setup_cache(1, 16)  # a new cache: the decoder must write into it
     decoder(3, 0)
-    assert model.model.layers[0].self_attn.k_cache[0, :, 0].abs().sum() > 0
+    assert model.cache.keys[0][0, :, 0].abs().sum() > 0
+    own = KVCache(model.config, 1, 8, torch.float16, DEVICE)  # or into one passed to it
+    decoder(3, 0, own)
+    assert own.keys[0][0, :, 0].abs().sum() > 0
 
 
 def test_unsupported_models_fall_back_with_a_reason():

@@ -5,6 +5,7 @@ import torch
 
 from lutlm.config import ModelConfig
 from lutlm.formats import Checkpoint, TokenizerSpec
+from lutlm.kv_cache import KVCache
 from lutlm.loader import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -77,16 +78,33 @@ def test_cache_overflow_is_refused():
 
 
 def test_a_cache_that_fits_is_kept_unless_a_fresh_one_is_asked_for():
-    """setup_cache keeps a cache at least as large as asked; with fresh=True it allocates new
-    buffers of exactly the size asked (smaller ones free memory) and counts the allocation."""
+    """setup_cache keeps a default cache at least as large as asked; with fresh=True it allocates
+    one of exactly the size asked (a smaller one frees memory)."""
     _, model = hf_pair(tiny_config())
-    model.setup_cache(4, 16)
-    cache, allocations = model.model.layers[0].self_attn.k_cache, model.cache_allocations
-    model.setup_cache(2, 8)
-    assert model.model.layers[0].self_attn.k_cache is cache and model.cache_allocations == allocations
-    model.setup_cache(2, 8, fresh=True)
-    fresh = model.model.layers[0].self_attn.k_cache
-    assert fresh is not cache and fresh.shape[0] == 2 and fresh.shape[2] == 8
-    assert (model.max_batch, model.max_seq_len, model.cache_allocations) == (2, 8, allocations + 1)
+    cache = model.setup_cache(4, 16)
+    assert model.setup_cache(2, 8) is cache
+    fresh = model.setup_cache(2, 8, fresh=True)
+    assert fresh is not cache and fresh.keys[0].shape[0] == 2 and fresh.keys[0].shape[2] == 8
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         model(torch.zeros(3, 1, dtype=torch.long), 0)
+
+
+def test_caller_owned_caches_hold_their_own_sequences():
+    """Two sequences in two slots of one cache, each at its own position, give what each gives
+    alone in a cache of its own; the model's default cache is not touched."""
+    config = tiny_config()
+    _, model = hf_pair(config)
+    a, b = torch.randint(0, config.vocab_size, (1, 12)), torch.randint(0, config.vocab_size, (1, 7))
+    with torch.no_grad():
+        alone = [model(t, 0, cache=KVCache(config, 1, 16)) for t in (a, b)]
+        shared = KVCache(config, 3, 16)
+        prefills = [model(a[:, :-1], 0, cache=shared, slots=[2]), model(b[:, :-1], 0, cache=shared, slots=[0])]
+        step = model(torch.tensor([[a[0, -1]], [b[0, -1]]]), [11, 6], cache=shared, slots=[2, 0])
+    assert model.cache is None
+    torch.testing.assert_close(prefills[0], alone[0][:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefills[1], alone[1][:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], torch.cat([alone[0][:, -1], alone[1][:, -1]]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), [3], cache=shared, slots=[3])
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), 0)

@@ -160,7 +160,7 @@ def test_wrong_tensor_shape_is_refused(saved):
     name = "model.layers.0.self_attn.q_proj.planes"
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, saved / TENSOR_FILE)
-    with pytest.raises(ValueError, match="q_proj: packed weight: scales has shape"):
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.self_attn.q_proj.planes has shape \(4, 63, 8\) and dtype U8; expected \(4, 64, 8\)"):
         load_packed_model(str(saved))
 
 

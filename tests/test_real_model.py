@@ -9,6 +9,7 @@ import torch
 from conftest import open_llama_cpp
 from lutlm.generate import Generator, SamplingParams
 from lutlm.perplexity import model_perplexity, read_text, score_chunks
+from lutlm.tokenizer import ChatPrompt
 
 PROMPTS = [
     "The capital of France is",
@@ -72,14 +73,16 @@ def test_tokenizer_matches_transformers_gguf_conversion(bundled, bundled_path, w
     )
     text = read_text(wikitext_path)[:20000]
     for sample in [text, *PROMPTS, "Numbers 12345 and 3.14159, emoji 🙂, accents café"]:
-        assert tokenizer.encode(sample) == reference.encode(sample, add_special_tokens=False)
+        # as template text (special tokens matched), which is how both references read a string
+        assert tokenizer.encode(ChatPrompt([(sample, True)])) == reference.encode(sample, add_special_tokens=False)
+        assert tokenizer.encode(sample) == reference.encode(sample, add_special_tokens=False, split_special_tokens=True)
 
 
 def test_tokenizer_matches_llama_cpp(bundled, llama_cpp_model, wikitext_path):
     _, tokenizer, _ = bundled
     text = read_text(wikitext_path)[:20000]
     for sample in [text, *PROMPTS]:
-        assert tokenizer.encode(sample) == llama_cpp_model.tokenize(sample)
+        assert tokenizer.encode(ChatPrompt([(sample, True)])) == llama_cpp_model.tokenize(sample)
 
 
 @pytest.fixture(scope="module")

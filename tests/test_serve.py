@@ -18,10 +18,11 @@ import pytest
 import torch
 from test_generate import EOS, byte_tokenizer
 
-from lutlm.bench.serve_load import run_load
+from lutlm.bench.serve_load import run_load, sweep_markdown, sweep_plot, sweep_summary
 from lutlm.config import ModelConfig
 from lutlm.formats import Checkpoint, TokenizerSpec
-from lutlm.generate import Generator, SamplingParams
+from lutlm.generate import GENERATION_CACHE_DTYPE, Generator, SamplingParams
+from lutlm.kv_cache import KVCache
 from lutlm.loader import build_model
 from lutlm.model import Transformer
 from lutlm.serve import create_app, serve_in_background
@@ -79,8 +80,8 @@ def health(url: str) -> dict:
 def tiny():
     checkpoint = tiny_checkpoint()
     tokenizer = tiny_tokenizer()
-    app = create_app(slowed(build_model(checkpoint)), tokenizer, checkpoint, context_length=CTX, max_queue=8,
-                     max_tokens=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY)
+    app = create_app(slowed(build_model(checkpoint)), tokenizer, checkpoint, context_length=CTX, parallel=4,
+                     max_queue=8, max_tokens=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY)
     # The same weights in a second model instance: the expected answers, computed off the server.
     reference = Generator(build_model(checkpoint), tokenizer, CTX)
     with serve_in_background(app) as url:
@@ -161,6 +162,46 @@ def test_eight_concurrent_clients_all_get_their_own_answer(tiny):
     assert answers == expected
 
 
+def model_logprobs(tiny, prompt_ids: list[int], max_tokens: int) -> torch.Tensor:
+    """Log-probabilities [max_tokens, vocab] of the greedy continuation's positions, computed
+    off the server with the same weights in one forward pass."""
+    generated = list(tiny.reference.generate_ids(prompt_ids, SamplingParams(max_new_tokens=max_tokens)))
+    tokens = torch.tensor([prompt_ids + generated])
+    model = tiny.reference.model
+    with torch.inference_mode():
+        logits = model(tokens, 0, cache=KVCache(model.config, 1, tokens.shape[1], GENERATION_CACHE_DTYPE))[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+
+
+def test_chat_logprobs_are_the_models(tiny):
+    expected = model_logprobs(tiny, chat_ids(tiny, "Hello"), 6)
+    out = tiny.client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    for entry, row in zip(content, expected):
+        top = torch.topk(row, 3)
+        assert entry.logprob == pytest.approx(float(top.values[0]), abs=1e-3)  # greedy: the most likely token
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == entry.token
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+
+
+def test_streamed_completion_logprobs_match_the_whole_answer(tiny):
+    request = dict(model=MODEL_ID, prompt="Log me", max_tokens=8, temperature=0, logprobs=2)
+    whole = tiny.client.completions.create(**request).choices[0].logprobs
+    chunks = list(tiny.client.completions.create(**request, stream=True))
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.token_logprobs and len(streamed) == 8
+    expected = model_logprobs(tiny, tiny.tokenizer.encode("Log me"), 8)
+    assert whole.token_logprobs == pytest.approx(expected.max(dim=-1).values.tolist(), abs=1e-3)
+    # Two alternatives each, keyed by their text (two byte tokens that are not whole characters
+    # both read "\ufffd", so a key may hold one); the greedy pick is the most likely.
+    for top, chosen in zip(whole.top_logprobs, whole.token_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == chosen
+    assert whole.text_offset == [sum(len(t) for t in whole.tokens[:i]) for i in range(8)]
+
+
 def completion_body(**fields) -> dict:
     return {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4} | fields
 
@@ -203,6 +244,16 @@ BAD_REQUESTS = {
                      "The prompt is empty"),
     "token id outside the vocabulary": ("completions", completion_body(prompt=[5, 300]), 400, "invalid_value",
                                         "prompt", "Token id 300"),
+    "tools (not implemented)": ("chat/completions", chat_body(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {}}}]), 400, "unsupported_parameter", "tools", "'tools' is not supported"),
+    "response_format json_object (not implemented)": ("chat/completions", chat_body(
+        response_format={"type": "json_object"}), 400, "unsupported_parameter", "response_format", "not supported"),
+    "top_logprobs without logprobs": ("chat/completions", chat_body(top_logprobs=2), 400, "invalid_value",
+                                      "top_logprobs", "needs 'logprobs' to be true"),
+    "too many completion logprobs": ("completions", completion_body(logprobs=6), 400, "invalid_value", "logprobs",
+                                     "less than or equal to 5"),
+    "presence_penalty (not implemented)": ("completions", completion_body(presence_penalty=0.5), 400,
+                                           "unsupported_parameter", "presence_penalty", "not supported"),
     "body over the size limit": ("completions", completion_body(prompt="z" * MAX_BODY), 413,
                                  "request_too_large", None, f"limit of {MAX_BODY} bytes"),
 }
@@ -272,23 +323,28 @@ def test_client_leaving_a_plain_request_cancels_it(tiny):
     assert after["generated_tokens"] - before["generated_tokens"] < MAX_TOKENS_CAP // 2
 
 
-def test_client_leaving_while_queued_frees_its_place(tiny):
-    before = health(tiny.url)
-    with httpx.stream("POST", f"{tiny.url}/v1/completions", json=long_request(stream=True), timeout=30) as running:
-        lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
-        assert next(lines).startswith("data: ")
-        with pytest.raises(httpx.ReadTimeout):  # waits behind the running stream, then gives up
-            httpx.post(f"{tiny.url}/v1/completions", json=long_request(stream=False),
-                       timeout=httpx.Timeout(10, read=0.3))
-    after = wait_for_cancellations(tiny.url, before, 2)
-    assert after["generated_tokens"] - before["generated_tokens"] < MAX_TOKENS_CAP // 2
+def one_slot_app(max_queue: int):
+    checkpoint = tiny_checkpoint()
+    return create_app(slowed(build_model(checkpoint)), tiny_tokenizer(), checkpoint, context_length=CTX, parallel=1,
+                      max_queue=max_queue, max_tokens=MAX_TOKENS_CAP)
+
+
+def test_client_leaving_while_queued_frees_its_place():
+    with serve_in_background(one_slot_app(max_queue=2)) as url:
+        before = health(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json=long_request(stream=True), timeout=30) as running:
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+            assert next(lines).startswith("data: ")
+            with pytest.raises(httpx.ReadTimeout):  # waits behind the running stream, then gives up
+                httpx.post(f"{url}/v1/completions", json=long_request(stream=False),
+                           timeout=httpx.Timeout(10, read=0.3))
+            assert health(url)["waiting"] == 1
+        after = wait_for_cancellations(url, before, 2)
+        assert after["generated_tokens"] - before["generated_tokens"] < MAX_TOKENS_CAP // 2
 
 
 def test_full_queue_answers_429():
-    checkpoint = tiny_checkpoint()
-    app = create_app(slowed(build_model(checkpoint)), tiny_tokenizer(), checkpoint, context_length=CTX, max_queue=1,
-                     max_tokens=MAX_TOKENS_CAP)
-    with serve_in_background(app) as url:
+    with serve_in_background(one_slot_app(max_queue=1)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with httpx.stream("POST", f"{url}/v1/completions", json=long_request(stream=True), timeout=30) as running:
             lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
@@ -305,6 +361,43 @@ def test_full_queue_answers_429():
             assert refused.value.response.headers["retry-after"] == "1"
         waiter.join(WAIT_S)  # leaving the first stream frees the worker for the waiting request
         assert waiting["out"].usage.completion_tokens == 2
+
+
+def test_burst_beyond_capacity_gets_answers_or_429_and_nothing_else():
+    """Two slots and two places in the queue, twelve clients at once: every request is answered
+    (correctly) or refused with 429, and the server is idle and healthy afterwards."""
+    checkpoint = tiny_checkpoint()
+    app = create_app(slowed(build_model(checkpoint)), tiny_tokenizer(), checkpoint, context_length=CTX, parallel=2,
+                     max_queue=2, max_tokens=MAX_TOKENS_CAP)
+    reference = Generator(build_model(checkpoint), tiny_tokenizer(), CTX)
+    prompts = [f"burst {i}" for i in range(12)]
+    with serve_in_background(app) as url:
+        def ask(prompt: str) -> tuple[int, str]:
+            response = httpx.post(f"{url}/v1/completions", timeout=60,
+                                  json=completion_body(prompt=prompt, max_tokens=40, temperature=0))
+            body = response.json()
+            return response.status_code, body["choices"][0]["text"] if response.status_code == 200 else body
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(ask, prompts))
+        state = health(url)
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 4, statuses
+    for prompt, (status, out) in zip(prompts, results):
+        if status == 200:
+            assert out == reference.complete(tiny_tokenizer().encode(prompt), SamplingParams(max_new_tokens=40))
+        else:
+            assert out["error"]["code"] == "queue_full"
+    assert (state["failed"], state["running"], state["waiting"]) == (0, 0, 0)
+    assert state["completed"] == statuses.count(200)
+
+
+def test_harmless_values_of_unsupported_parameters_are_accepted(tiny):
+    body = chat_body(max_tokens=2, temperature=0, tools=[], tool_choice="none", logprobs=False,
+                     response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0)
+    response = httpx.post(f"{tiny.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
 
 
 def test_chat_with_a_model_without_chat_template_is_refused():
@@ -335,6 +428,25 @@ def test_load_test_reports_throughput_and_percentiles(tiny):
     assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
     assert summary["first_token_s"]["p50"] <= latency["p50"]
     assert "requests/s" in report.format()
+
+
+def test_client_sweep_reports_scaling_over_one_client(tiny, tmp_path):
+    reports = [run_load(tiny.url, MODEL_ID, requests=2 * n, duration=60, concurrency=n, max_tokens=6,
+                        fixed_length=True, warm_up=False) for n in (1, 2)]
+    summary = sweep_summary(reports)
+    one, two = summary["rows"]
+    assert (one["clients"], two["clients"]) == (1, 2)
+    assert (one["requests_ok"], two["requests_ok"], two["requests_failed"]) == (2, 4, 0)
+    assert one["throughput_vs_1_client"] == 1.0
+    assert two["throughput_vs_1_client"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"])
+    assert 0 < two["itl_p50_s"] <= two["itl_p99_s"] and 0 < one["ttft_p50_s"]
+    assert all(t.completion_tokens == 6 and len(t.token_gaps) >= 1 for r in reports for t in r.timings)
+    table = sweep_markdown(summary, "setup")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows] == ["| clients", "| 1", "| 2"]
+    if importlib.util.find_spec("matplotlib"):
+        sweep_plot(summary, tmp_path / "plot.png", "test")
+        assert (tmp_path / "plot.png").stat().st_size > 0
 
 
 def test_load_test_refuses_other_hosts():

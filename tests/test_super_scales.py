@@ -221,3 +221,14 @@ def test_bad_layouts_are_refused():
         cpu.prepare_super_rows(16, 256, 4, 32, "symmetric", chunk)
     with pytest.raises(ValueError, match="row chunks gave 16 of the weight's 32 rows"):
         cpu.prepare_super_rows(32, 256, 4, 32, "super", chunk)
+
+
+def test_ctypes_mirror_of_the_weight_descriptor_matches_the_c_struct():
+    """cpu._Weight mirrors lutlm_weight (csrc/lutlm.h): the same size and field offsets, as the
+    compiler laid the struct out."""
+    import ctypes
+
+    offsets = (ctypes.c_int64 * 11)()
+    size = cpu.library().lutlm_weight_layout(offsets)
+    assert size == ctypes.sizeof(cpu._Weight)
+    assert list(offsets) == [getattr(cpu._Weight, name).offset for name, _ in cpu._Weight._fields_]

@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from lutlm import peer
-from lutlm.bench import e2e_gguf, synthetic
+from lutlm.bench import synthetic
 from lutlm.fast_decode import fast_decoder_for
 from lutlm.formats import Checkpoint, load_checkpoint
 from lutlm.formats.gguf import linear_storage
@@ -350,10 +350,9 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Tokens/s against bits per weight, one panel per metric, a series per engine and thread count."""
-    import matplotlib
+    from lutlm.bench.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -489,6 +488,8 @@ def add_parser(bench_subparsers) -> None:
                    help="where quantized models and GGUF files are cached between runs")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--json", action="store_true", help="also write the results as JSON")
+    from lutlm.bench import e2e_gguf  # here, not at the top: e2e_gguf builds on this module
+
     e2e_gguf.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -496,6 +497,8 @@ def add_parser(bench_subparsers) -> None:
 def run(args) -> list[dict]:
     args.threads, args.prompts = parse_ints("--threads", args.threads), parse_ints("--prompts", args.prompts)
     if getattr(args, "gguf", None) or getattr(args, "synthetic_types", None):
+        from lutlm.bench import e2e_gguf  # here, not at the top: e2e_gguf builds on this module
+
         if args.layers is None:
             args.layers = e2e_gguf.DEFAULT_LAYERS
         return e2e_gguf.run(args)

@@ -513,11 +513,11 @@ def markdown(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Tokens/s per file (type), a bar per engine and thread count, a panel per metric, and a panel
     of the decode bandwidth fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from lutlm.bench.plotting import pyplot
+
+    plt = pyplot()
 
     rows = result["rows"]
     files = [f["label"] for f in result["files"]]

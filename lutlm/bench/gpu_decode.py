@@ -49,7 +49,7 @@ def decode_step_us(model, position: int) -> dict:
     headline), its products alone, and through model.forward, each replayed from a CUDA graph;
     and the device memory the model holds before and after the decoder is built (MiB)."""
     from lutlm.gpu_decode import GpuDecoder
-    from lutlm.kernels.gpu_tuning import time_calls, time_replays
+    from lutlm.bench.gpu_timing import time_calls, time_replays
 
     model.setup_cache(1, position + 1)
     token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
@@ -95,7 +95,7 @@ def on_cpu(w):
 
 def synthetic_rows(config: ModelConfig, position: int, bits_list: tuple[int, ...], group: int) -> list[dict]:
     """Decode step of a random model of this shape in fp16, then with its linears packed."""
-    from lutlm.kernels.gpu_tuning import random_weight
+    from lutlm.bench.gpu_timing import random_weight
     from lutlm.linear import replace_linears
 
     model = random_model(config)

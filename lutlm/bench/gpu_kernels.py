@@ -6,7 +6,7 @@ dispatcher chooses, the best time of each kernel (table lookup, dequantize), cuB
 (`torch.matmul`) on the same shape, the weight bytes per second against the device-to-device
 copy bandwidth measured in the same run, and the roofline time (weight bytes over that
 bandwidth). Times are medians (with 25th/75th percentiles) of CUDA-graph replays, each of 40
-launches over enough weight copies to overflow L2 (see lutlm.kernels.gpu_tuning). Where the
+launches over enough weight copies to overflow L2 (see lutlm.bench.gpu_timing). Where the
 choice is the dp4a GEMV, the row also gives its time launched with PDL, as the GPU decoder
 launches it (``us_pdl``): each launch may read its weights while the previous one finishes, but
 waits for it before it reads the activations, as a dependent product must; cuBLAS launches as
@@ -59,7 +59,7 @@ def device_slug() -> str:
 
 
 def cublas_time(n: int, k: int, batch: int):
-    from lutlm.kernels.gpu_tuning import copies_to_defeat_cache, time_calls
+    from lutlm.bench.gpu_timing import copies_to_defeat_cache, time_calls
 
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
                for _ in range(copies_to_defeat_cache(n * k * 2))]
@@ -68,6 +68,7 @@ def cublas_time(n: int, k: int, batch: int):
 
 
 def run(args) -> list[dict]:
+    from lutlm.bench import gpu_timing
     from lutlm.kernels import gpu, gpu_tuning
     from lutlm.kernels.gpu_ops import pdl_supported
 
@@ -81,7 +82,7 @@ def run(args) -> list[dict]:
     if any(b not in KINDS for b in kinds):
         sys.exit(f"--gpu-bits takes {', '.join(KINDS)}, got {args.gpu_bits}")
     batches = [int(b) for b in args.gpu_batch.split(",")]
-    bandwidth = gpu_tuning.copy_bandwidth()
+    bandwidth = gpu_timing.copy_bandwidth()
     with_pdl = pdl_supported(torch.device("cuda"))
     shapes = {}  # (n, k) -> the layers that have it
     for model in models:
@@ -94,7 +95,7 @@ def run(args) -> list[dict]:
     for (n, k), kind in tqdm(jobs, desc="gpu kernels", unit="case"):
         bits, ternary = KINDS[kind]
         group = math.gcd(k, args.group_size)
-        handles = gpu_tuning.random_handles(n, k, bits, group, with_lut=True, ternary=ternary)
+        handles = gpu_timing.random_handles(n, k, bits, group, with_lut=True, ternary=ternary)
         nbytes = handles[0].dequant.nbytes
         for batch in batches:
             x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
@@ -102,15 +103,15 @@ def run(args) -> list[dict]:
                 cublas[(n, k, batch)] = cublas_time(n, k, batch)
             per_kernel = {}
             if args.tune and not ternary:  # ternary runs the 2-bit kernels, so it shares their entries
-                entry = gpu_tuning.tune_case(handles, x)
+                entry = gpu_timing.tune_case(handles, x)
                 table.append(entry)
                 per_kernel = entry["per_kernel"]
                 plan = gpu_tuning.Plan.from_dict(entry["best"])
             else:  # the dispatcher's choice; while tuning, from the entries just measured
                 plan = (gpu_tuning.choose(table, handles[0].kind, n, k, batch) if args.tune
                         else gpu.plan_for(handles[0], batch))
-            timing = gpu_tuning.time_plan(handles, x, plan)
-            pdl = gpu_tuning.time_plan(handles, x, plan, overlap=True) if gpu.is_gemv(plan) and with_pdl else None
+            timing = gpu_timing.time_plan(handles, x, plan)
+            pdl = gpu_timing.time_plan(handles, x, plan, overlap=True) if gpu.is_gemv(plan) and with_pdl else None
             cb = cublas[(n, k, batch)]
             rows.append({
                 "layers": shapes[(n, k)], "n": n, "k": k, "bits": kind, "group_size": group, "batch": batch,
@@ -169,10 +170,9 @@ def print_table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Batch-1 time against bits per shape, with cuBLAS fp16 for reference."""
-    import matplotlib
+    from lutlm.bench.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     order = ["2", "ternary", "3", "4"]
     shapes = sorted({(r["n"], r["k"]) for r in rows})

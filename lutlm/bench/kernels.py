@@ -190,10 +190,9 @@ def print_table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Time against bits, one panel per shape and batch (first thread count)."""
-    import matplotlib
+    from lutlm.bench.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     threads = rows[0]["threads"]
     panels = sorted({(r["batch"], r["shape"]) for r in rows if r["threads"] == threads},

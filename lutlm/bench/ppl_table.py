@@ -256,10 +256,9 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from lutlm.bench.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [Row(**r) for r in report["rows"]]
     source = next(r for r in rows if r.method == "source")

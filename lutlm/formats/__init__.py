@@ -39,6 +39,32 @@ class TokenizerSpec:
     chat_template: str | None = None
 
 
+# The GGUF vocabularies lutlm.tokenizer builds: byte-level BPE with one of these pre-tokenizers.
+GGUF_TOKENIZER_MODELS = ("gpt2",)
+GGUF_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama3", "llama-bpe", "llama-v3")
+
+
+def check_gguf_vocabulary(spec: TokenizerSpec, source: str, prefix: str) -> None:
+    """Refuse a GGUF-style vocabulary that lutlm.tokenizer cannot build, before a model is
+    loaded: `prefix` is how the file names the fields ("tokenizer.ggml." in a GGUF)."""
+    if spec.gguf_model not in GGUF_TOKENIZER_MODELS:
+        raise ValueError(f"{source}: {prefix}model is {spec.gguf_model!r}; lutlm builds byte-level BPE "
+                         f"({', '.join(map(repr, GGUF_TOKENIZER_MODELS))}) tokenizers")
+    if spec.gguf_pre is not None and spec.gguf_pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{source}: {prefix}pre is {spec.gguf_pre!r}; lutlm supports {', '.join(GGUF_PRE_TOKENIZERS)}")
+    if not spec.tokens:
+        raise ValueError(f"{source}: {prefix}tokens is empty; expected the vocabulary")
+    vocabulary = set(spec.tokens)
+    for i, merge in enumerate(spec.merges):
+        left, space, right = merge.partition(" ")
+        if not space or not left or not right:
+            raise ValueError(f"{source}: {prefix}merges[{i}] is {merge[:40]!r}; expected two tokens separated by a space")
+        for token in (left, right, left + right):
+            if token not in vocabulary:
+                raise ValueError(f"{source}: {prefix}merges[{i}] {merge[:40]!r} needs the token {token[:40]!r}, "
+                                 "which is not in the vocabulary")
+
+
 class LazyTensors(Mapping):
     """Name -> float32 tensor, read by `readers[name]()` on every access (nothing is cached)."""
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from gguf import GGUFValueType
 
-from lutlm.config import ModelConfig
-from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec
+from lutlm.config import ConfigError, ModelConfig
+from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec, check_gguf_vocabulary
 from lutlm.formats.ggml_quants import BLOCK_TYPES, dequantize, is_supported, type_name
 from lutlm.formats.gguf_file import GGUFFile, printable
 from lutlm.formats.llama_layout import check_shapes
@@ -213,7 +213,7 @@ def _tokenizer(reader: GGUFFile, path: str) -> TokenizerSpec:
             raise ValueError(f"{path}: {key} is {value}, outside the vocabulary of {len(tokens)} tokens")
         ids[key] = value
     add_bos = _of_type(reader, "tokenizer.ggml.add_bos_token", path, ((GGUFValueType.BOOL,),), "a bool")
-    return TokenizerSpec(
+    spec = TokenizerSpec(
         gguf_model=model,
         gguf_pre=_of_type(reader, "tokenizer.ggml.pre", path, STRING, "a string"),
         tokens=tokens,
@@ -226,6 +226,20 @@ def _tokenizer(reader: GGUFFile, path: str) -> TokenizerSpec:
         add_bos_token=bool(add_bos) if add_bos is not None else model == "llama",
         chat_template=_of_type(reader, "tokenizer.chat_template", path, STRING, "a string"),
     )
+    check_gguf_vocabulary(spec, path, "tokenizer.ggml.")
+    return spec
+
+
+# ModelConfig field -> the GGUF metadata key it is read from
+CONFIG_KEYS = {
+    "vocab_size": "{arch}.vocab_size", "hidden_size": "{arch}.embedding_length",
+    "intermediate_size": "{arch}.feed_forward_length", "num_hidden_layers": "{arch}.block_count",
+    "num_attention_heads": "{arch}.attention.head_count", "num_key_value_heads": "{arch}.attention.head_count_kv",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon", "rope_theta": "{arch}.rope.freq_base",
+    "rope_scaling": "{arch}.rope.scaling", "max_position_embeddings": "{arch}.context_length",
+    "head_dim": "{arch}.attention.key_length", "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_ids": "tokenizer.ggml.eos_token_id",
+}
 
 
 def _config(reader: GGUFFile, arch: str, tokenizer: TokenizerSpec, tied: bool, layers: dict[int, str],
@@ -250,27 +264,32 @@ def _config(reader: GGUFFile, arch: str, tokenizer: TokenizerSpec, tied: bool, l
     head_dim = count("attention.key_length", max(hidden // n_heads, 1))
     rotary_dim = count("rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
-        raise ValueError(f"{path}: rope.dimension_count {rotary_dim} differs from head_dim {head_dim}; partial rotary embeddings are not supported")
+        raise ValueError(f"{path}: {arch}.rope.dimension_count {rotary_dim} differs from the head size {head_dim} "
+                         f"({arch}.attention.key_length, or embedding_length / head_count); partial rotary embeddings "
+                         "are not supported")
     eot = _value(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = [i for i in (tokenizer.eos_token_id, eot) if i is not None]
-    return ModelConfig(
-        vocab_size=count("vocab_size", len(tokenizer.tokens)),
-        hidden_size=hidden,
-        intermediate_size=count("feed_forward_length"),
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        rms_norm_eps=_real(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5, positive=False),
-        rope_theta=_real(reader, f"{arch}.rope.freq_base", path, 10000.0, positive=True),
-        rope_scaling=_rope_scaling(reader, arch, path),
-        max_position_embeddings=count("context_length", 2048),
-        tie_word_embeddings=tied,
-        head_dim=head_dim,
-        architecture=arch,
-        name=_of_type(reader, "general.name", path, STRING, "a string") or os.path.basename(path),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=list(dict.fromkeys(eos_ids)),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=count("vocab_size", len(tokenizer.tokens)),
+            hidden_size=hidden,
+            intermediate_size=count("feed_forward_length"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads,
+            rms_norm_eps=_real(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5, positive=False),
+            rope_theta=_real(reader, f"{arch}.rope.freq_base", path, 10000.0, positive=True),
+            rope_scaling=_rope_scaling(reader, arch, path),
+            max_position_embeddings=count("context_length", 2048),
+            tie_word_embeddings=tied,
+            head_dim=head_dim,
+            architecture=arch,
+            name=_of_type(reader, "general.name", path, STRING, "a string") or os.path.basename(path),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_ids=list(dict.fromkeys(eos_ids)),
+        )
+    except ConfigError as e:  # a value beyond what ModelConfig accepts, named by its GGUF key
+        raise ValueError(f"{path}: {CONFIG_KEYS.get(e.field, e.field).format(arch=arch)} {e.problem}") from None
 
 
 def load_gguf(path: str | os.PathLike) -> Checkpoint:

@@ -6,6 +6,8 @@ fit its own config is refused at load time with the tensor named.
 
 from __future__ import annotations
 
+import re
+
 from lutlm.config import ModelConfig
 
 LAYER_TENSORS = (
@@ -39,11 +41,32 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(names, config: ModelConfig, source: str) -> None:
+    """The config's layer count against the layers the file holds tensors for, before anything
+    is made per layer: an edited count of 10^9 is refused, not looped over."""
+    layers = {}
+    for name in names:
+        match = LAYER_NAME.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), name)
+    n_layers = config.num_hidden_layers
+    beyond = [i for i in layers if i >= n_layers]
+    if beyond:
+        raise ValueError(f"{source}: tensor {layers[max(beyond)]} is for layer {max(beyond)}, but num_hidden_layers "
+                         f"is {n_layers} (layers 0 to {n_layers - 1})")
+    if n_layers > len(layers):
+        raise ValueError(f"{source}: num_hidden_layers is {n_layers}, but the file holds tensors for {len(layers)} layers")
+
+
 def check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, source: str) -> None:
     """Refuse missing tensors and tensors whose shape disagrees with the config.
 
     Tensors the model does not use are the caller's business (each format knows its extras).
     """
+    check_layer_count(shapes, config, source)
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in shapes]
     if missing:

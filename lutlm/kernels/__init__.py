@@ -30,7 +30,12 @@ def interpreter_enabled() -> bool:
 def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    module = importlib.import_module(BACKENDS[name])
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as e:
+        if e.name == "triton":  # an optional extra: say which, not where the import failed
+            raise RuntimeError(f"kernel backend {name!r} needs Triton: pip install 'lutlm[gpu]'") from e
+        raise
     if not module.available():
         raise RuntimeError(f"kernel backend {name!r} is not available on this machine")
     return module

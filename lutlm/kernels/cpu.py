@@ -76,6 +76,8 @@ def _load() -> ctypes.CDLL | None:
     weight_p, f32_p = ctypes.POINTER(_Weight), ctypes.c_void_p
     lib.lutlm_lut_matmul.argtypes = [weight_p, f32_p, ctypes.c_int64, f32_p, ctypes.c_int]
     lib.lutlm_dequant_matmul.argtypes = [weight_p, f32_p, ctypes.c_int64, f32_p]
+    lib.lutlm_weight_layout.argtypes = [ctypes.c_void_p]
+    lib.lutlm_weight_layout.restype = ctypes.c_int64
     lib.lutlm_read_bandwidth.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.lutlm_read_bandwidth.restype = ctypes.c_double
     lib.lutlm_set_num_threads.argtypes = [ctypes.c_int]

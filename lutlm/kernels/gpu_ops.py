@@ -185,10 +185,7 @@ def _rope_attention_kernel(qkv_ptr, inv_freq_ptr, position_ptr, k_cache_ptr, v_c
 # head read a split of the positions each (about two programs per SM, at most
 # ATTENTION_MAX_SPLITS), and each reads blocks of BLOCK_L positions, as many as fit
 # ATTENTION_TILE cached elements (the block's keys and values and the next block's stay in
-# registers). Measured on an H200, 7B shape (32 heads of 128), at positions 256 / 1024 / 4096:
-# one program per head with blocks of 32, 31.6 / 118 / - us; blocks of 128, 4 warps: 1 split
-# 7.5 / 22.7 / 94.8 us, 4 splits 7.0 / 10.6 / 30.0, 8 splits 6.6 / 8.1 / 21.9 (blocks of 64 or
-# 256, and 8 warps, were slower at 8 splits; blocks of 256 spill at 4 warps).
+# registers). These sizes were the fastest timed on an H200 (docs/gpu.md has the timings).
 ATTENTION_TILE = 128 * 128
 ATTENTION_WARPS = 4
 ATTENTION_MAX_SPLITS = 8

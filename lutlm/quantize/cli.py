@@ -48,13 +48,20 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lutlm.formats import load_checkpoint
-    from lutlm.formats.packed_model import save_packed_model
+    from lutlm.formats.packed_model import check_output_folder, save_packed_model
     from lutlm.loader import default_model_path
+    from lutlm.perplexity import check_text_file
     from lutlm.quantize.calibration import calibration_set
     from lutlm.quantize.model_quantizer import quantize_checkpoint
     from lutlm.tokenizer import Tokenizer
 
     config = config_from_args(args)  # refuse a bad request before loading anything
+    check_output_folder(args.output, replace=args.force)  # and an output that would lose a file
+    if config.needs_calibration:
+        check_text_file(args.calib_text, "--calib-text")
+        if args.calib_sequences < 1 or args.calib_seq_len < 2:
+            raise ValueError(f"--calib-sequences {args.calib_sequences} and --calib-seq-len {args.calib_seq_len}: "
+                             "expected at least one sequence of at least 2 tokens")
     if args.device == "cuda":
         import torch
 
@@ -70,7 +77,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"calibration: tokens {first}..{end} of {args.calib_text} "
               f"({args.calib_sequences} x {args.calib_seq_len}); perplexity on it leaves them out")
     quantized, result = quantize_checkpoint(checkpoint, config, calibration, device=args.device)
-    save_packed_model(args.output, quantized, args.float_dtype)
+    save_packed_model(args.output, quantized, args.float_dtype, replace=args.force)
     fallbacks = sorted({f"K={w.in_features}: g{w.group_size}" for w in quantized.packed.values()})
     print(f"quantized {len(quantized.packed)} linear layers of {checkpoint.source} ({config.describe()}; "
           f"group sizes used {', '.join(fallbacks)})")
@@ -83,7 +90,12 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("quantize", help="quantize a model to low-bit packed weights")
     p.add_argument("-m", "--model", help="float source: GGUF file or Hugging Face folder (default: the bundled model)")
-    p.add_argument("-o", "--output", required=True, help="packed model folder to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="packed model folder to write: a new or empty folder (written beside it, then renamed into "
+                        "place once complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a packed model that lutlm wrote in the -o folder (a folder holding any other file "
+                        "is still refused)")
     p.add_argument("--method", choices=METHODS, default="gptq",
                    help="quantizer (default: gptq); awq-gptq folds AWQ's scales, then rounds by GPTQ")
     p.add_argument("--bits", type=int, help="1, 2, 3 or 4 (default 4; ternary is stored in 2)")

@@ -85,7 +85,7 @@ class QuantConfig:
             raise ValueError(f"tune_generated={self.tune_generated} must be 0 (calibration text only) or more")
         if self.tune_generated and not self.tune_steps:
             raise ValueError("tune_generated (--tune-generated) needs tuning steps (--tune-steps N)")
-        if not self.tune_code_lr > 0:
+        if not 0 < self.tune_code_lr < float("inf"):
             raise ValueError(f"tune_code_lr={self.tune_code_lr} must be a positive learning rate")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp} must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")

@@ -17,9 +17,8 @@ from lutlm.quantize.grid import Grid, fit_clipped, grouped, quantize, refine_lea
 
 
 # Rows fitted at a time: the grid search passes over its groups some thirty times, and 64 rows
-# (1 MiB of float32 at K = 4096) stay in cache for all of them; the whole matrix at once streamed
-# from memory on each pass and took 1.6-2.8x as long (2048 x 4096, one thread). Groups are
-# fitted independently, so the result is the same.
+# stay in cache for all of them (the whole matrix streamed from memory on each pass; timings in
+# docs/quantization.md). Groups are fitted independently, so the result is the same.
 ROWS_PER_STEP = 64
 
 

@@ -2,10 +2,8 @@
 
 The layer-wise quantizers (RTN, AWQ, GPTQ) each minimize one linear's output error on its own;
 on a small model their errors compound through the layers, and a smaller layer-wise error no
-longer means a lower perplexity (on SmolLM2 at 4 bits, a least-squares refit of the scales
-that lowered every layer's output error by ~3% raised perplexity). This step, in the spirit of
-EfficientQAT's end-to-end training of quantization parameters (Chen et al., 2024), tunes
-through the whole model at once
+longer means a lower perplexity. This step, in the spirit of EfficientQAT's end-to-end training
+of quantization parameters (Chen et al., 2024), tunes through the whole model at once
 
     each group's scale s (as s0 * exp(a), so that it stays positive and moves in ratios),
     each group's zero z (in code units, as stored),
@@ -20,33 +18,16 @@ calibration text's labels, keeps the tuned model an approximation of the source 
 a model fine-tuned to that text. The format, and so the bits per weight, is unchanged: scales
 and zeros are rounded to fp16 as stored, codes stay in 0 .. 2^b - 1.
 
-What it buys on SmolLM2-135M, awq-gptq 3-bit g128 act-order from 256 calibration sequences
-(perplexity, 16 WikiText-2 chunks; source 28.49): untuned 39.65; grids 32 steps x 2 sequences
-35.02, 500 x 4 33.92; grids and codes 500 x 4 33.63, 600 x 8 33.33, 1,200 x 16 32.99 (1.5 M of
-the 106 M codes moved); a code learning rate of 2e-2 instead of 1e-2 moved 6.8 M codes and gave
-36.08; 3,200 x 16 at a code learning rate of 5e-3 (19 minutes; the KL on the step's batch
-fell from 0.32 at the first step to 0.026 at the last) gave 32.98: on these 16 chunks the gain
-has levelled off. Measured on an H200 (benchmarks/results/ppl_smollm2_tuned.md has the table).
-
-Long runs memorize the calibration text: after 3,200 x 16 steps over its 256 sequences, the
-KL was 0.024 on calibration sequences and 0.306 on held-out WikiText-2 sequences (8 of each,
-measured on the CPU). `generated` adds sequences sampled from the source model itself, each
-continuing PROMPT_TOKENS tokens from a random place in the calibration text, as LLM-QAT (Liu
-et al., 2023) distills on the full-precision model's own generations: a pool many times the
-calibration text's size, in the distribution the source defines, at no cost in held-out text.
-Over all held-out chunks (not the 16 above; source 22.39), 3-bit: 3,200 x 16 on the calibration
-alone 26.37, 450 x 32 with 2,048 sampled sequences 25.97 (fp32), 1,100 x 32 with 2,048 sampled
-25.36 (TF32; 475 s in all on an H200); 4-bit: 32 x 2 grids only 23.41, 600 x 32 with codes and
-4,096 sampled sequences 22.97 (H200, fp32; sampling 4,096 x 512 tokens took 220 s there).
+Long runs memorize the calibration text, so `generated` adds sequences sampled from the source
+model itself, each continuing PROMPT_TOKENS tokens from a random place in the calibration text,
+as LLM-QAT (Liu et al., 2023) distills on the full-precision model's own generations: a pool
+many times the calibration text's size, in the distribution the source defines.
 
 Cost: one forward pass of the source and a forward and backward pass of the quantized model per
-step: about 10 s a step of 2 x 512 tokens for SmolLM2-135M on 2 CPU cores. On a GPU the matrix
-products run in TF32 (tf32_matmuls) and sampling decodes SAMPLING_BATCH_CUDA sequences at once.
-On an H200, in one run on SmolLM2's shapes with random weights: a step of 32 x 512 took 0.29 s
-in TF32 against 0.63 s in fp32, and sampling reached 15.8k tokens/s at 1,024 sequences in TF32
-against 6.9k at 256 in fp32 (a decode step there is bound by its launches). Memory: the model in
-fp32 with its activations for backpropagation, so this is meant for models of a few hundred
-million parameters (a GPU takes larger ones).
+step. On a GPU the matrix products run in TF32 (tf32_matmuls) and sampling decodes
+SAMPLING_BATCH_CUDA sequences at once. Memory: the model in fp32 with its activations for
+backpropagation, so this is meant for models of a few hundred million parameters (a GPU takes
+larger ones). What it buys, and what it costs, measured: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -150,8 +131,7 @@ def sample_from_source(source: nn.Module, calibration: CalibrationSet, count: in
     sequences = torch.cat([calibration.tokens[rows, :1], prompt, torch.zeros(count, seq_len - PROMPT_TOKENS - 1,
                                                                             dtype=torch.long)], dim=1).to(device)
     sampler = torch.Generator(device=device).manual_seed(seed)
-    # The KV cache costs 24 MB a sequence for SmolLM2; a decode step on a GPU is bound by its
-    # launches, so a wider batch samples faster there (1,024 at once: 2.1x the tokens/s of 256).
+    # A decode step on a GPU is bound by its launches, so a wider batch samples faster there.
     batch = SAMPLING_BATCH_CUDA if torch.device(device).type == "cuda" else 16
     source.setup_cache(min(batch, count), seq_len)
     bar = tqdm(total=count * (seq_len - PROMPT_TOKENS - 1), desc="sampling tuning sequences from the source",

@@ -17,7 +17,7 @@
  * the library runs on any x86-64 CPU. The arithmetic follows lutlm/model.py (the reference the tests compare with);
  * only the order of float additions differs.
  *
- * KV cache layout, as lutlm.model.Attention allocates it for batch row 0:
+ * KV cache layout of one sequence, a slot of lutlm.kv_cache.KVCache:
  *     cache[h][s][d]   h < n_kv_heads, s < max_seq, d < head_dim
  * Rotary layout: Hugging Face's rotate_half, pairs (d, d + head_dim / 2), with the model's
  * cos and sin rows of length head_dim for the token's position.
@@ -303,4 +303,60 @@ API CLONES void lutlm_attend_one_f16(float *q, float *k, const float *v, const f
                                      _Float16 *k_cache, _Float16 *v_cache, int64_t n_heads, int64_t n_kv_heads,
                                      int64_t head_dim, int64_t max_seq, int64_t pos, float *scores, float *out) {
     attend_any(q, k, v, cos, sin, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq, pos, scores, out);
+}
+
+/* ---- Several sequences per step (the serving engine's batch) ----
+ * Row r of x, q, k, v and out is sequence r's; each row is computed exactly as the one-row
+ * functions above compute it, so that a sequence's step does not depend on its batch. */
+
+API CLONES void lutlm_rmsnorm_rows(const float *x, const float *weight, int64_t rows, int64_t n, float eps,
+                                   float *out) {
+    for (int64_t r = 0; r < rows; r++)
+        scale_by_weight(x + r * n, weight, 1.0f / sqrtf(sum_squares(x + r * n, n) / (float)n + eps), n, out + r * n);
+}
+
+API CLONES void lutlm_add_rmsnorm_rows(float *x, const float *delta, const float *weight, int64_t rows, int64_t n,
+                                       float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * n;
+        const float *dr = delta + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) xr[i] += dr[i];
+        scale_by_weight(xr, weight, 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps), n, out + r * n);
+    }
+}
+
+/* Row r attends at positions[r] over its own cache slot slots[r]: slot s of a cache starts
+ * s * slot_stride values in ([n_kv_heads][max_seq][head_dim] each, as lutlm.kv_cache lays it
+ * out). cos and sin: tables [max_seq][head_dim]. `scores` holds (n_heads / n_kv_heads) * max_seq
+ * floats, reused row after row. */
+template <typename T>
+INLINE void attend_rows(float *q, float *k, const float *v, const float *cos_table, const float *sin_table,
+                        T *k_cache, T *v_cache, int64_t slot_stride, const int64_t *slots, const int64_t *positions,
+                        int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t max_seq,
+                        float *scores, float *out) {
+    const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t pos = positions[r], slot = slots[r];
+        attend_any(q + r * q_width, k + r * kv_width, v + r * kv_width, cos_table + pos * head_dim,
+                   sin_table + pos * head_dim, k_cache + slot * slot_stride, v_cache + slot * slot_stride, n_heads,
+                   n_kv_heads, head_dim, max_seq, pos, scores, out + r * q_width);
+    }
+}
+
+API CLONES void lutlm_attend_rows(float *q, float *k, const float *v, const float *cos_table, const float *sin_table,
+                                  float *k_cache, float *v_cache, int64_t slot_stride, const int64_t *slots,
+                                  const int64_t *positions, int64_t rows, int64_t n_heads, int64_t n_kv_heads,
+                                  int64_t head_dim, int64_t max_seq, float *scores, float *out) {
+    attend_rows(q, k, v, cos_table, sin_table, k_cache, v_cache, slot_stride, slots, positions, rows, n_heads,
+                n_kv_heads, head_dim, max_seq, scores, out);
+}
+
+API CLONES void lutlm_attend_rows_f16(float *q, float *k, const float *v, const float *cos_table,
+                                      const float *sin_table, _Float16 *k_cache, _Float16 *v_cache,
+                                      int64_t slot_stride, const int64_t *slots, const int64_t *positions,
+                                      int64_t rows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                      int64_t max_seq, float *scores, float *out) {
+    attend_rows(q, k, v, cos_table, sin_table, k_cache, v_cache, slot_stride, slots, positions, rows, n_heads,
+                n_kv_heads, head_dim, max_seq, scores, out);
 }

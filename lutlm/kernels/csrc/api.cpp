@@ -1,5 +1,7 @@
 /* The exported entry points: instruction-set choice and the table-lookup matmul (which hands
  * LUTLM_DOT weights to the dot-product kernels, dequant.cpp). */
+#include <stddef.h>
+
 #include "internal.h"
 
 namespace {
@@ -69,6 +71,16 @@ int lutlm_geometry(const lutlm_weight *w, int mode, Geometry *g) {
 }
 
 extern "C" {
+
+int64_t lutlm_weight_layout(int64_t *offsets) {
+    const int64_t fields[] = {
+        offsetof(lutlm_weight, codes),      offsetof(lutlm_weight, scales),     offsetof(lutlm_weight, n),
+        offsetof(lutlm_weight, k),          offsetof(lutlm_weight, k_padded),   offsetof(lutlm_weight, bits),
+        offsetof(lutlm_weight, group_size), offsetof(lutlm_weight, q_block),    offsetof(lutlm_weight, kind),
+        offsetof(lutlm_weight, scale_kind), offsetof(lutlm_weight, super_groups)};
+    for (int i = 0; i < 11; i++) offsets[i] = fields[i];
+    return (int64_t)sizeof(lutlm_weight);
+}
 
 int lutlm_best_isa(void) { return kBestIsa; }
 

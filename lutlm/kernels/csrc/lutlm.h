@@ -147,6 +147,10 @@ typedef struct {
     int32_t super_groups;    /* groups per super-block (super-block scales; else 0) */
 } lutlm_weight;
 
+/* sizeof(lutlm_weight), and offsetof of each of its fields in declaration order into
+ * offsets[11]: what lutlm/kernels/cpu.py's ctypes mirror is tested against. */
+LUTLM_API int64_t lutlm_weight_layout(int64_t *offsets);
+
 /* Highest instruction set this CPU and OS support, and the one the kernels use. */
 LUTLM_API int lutlm_best_isa(void);
 LUTLM_API int lutlm_get_isa(void);
