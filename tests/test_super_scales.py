@@ -5,7 +5,8 @@ sc (and m) per sub-block: w = (d sc) q - dmin m. The kernels read them as the fi
 (Q2_K 2.625 bits per weight, not 4 with an fp16 scale and zero per group of 16).
 
 Decoding: lutlm.formats.gguf_packed.ggml_super (numpy) gives gguf-py's dequantization bit for
-bit (the same float32 products in the same order), and the native decoder the same bytes.
+bit (the same float32 products in the same order); the native layout (super_dot_layout), decoded
+in C++, has the bytes cpu.prepare_super_rows writes from it.
 
 Kernels, per output y[b, n], with s_g = d sc_g and t_g = dmin m_g (= dmin sc_g where symmetric):
 the kernels form s_g dx sum_k q_k xq_k - t_g xsum_g per group and add K / 16 such terms, so the
@@ -27,7 +28,7 @@ from test_ggml_groups import random_fields
 from lutlm.formats.ggml_encode import encode_blocks
 from lutlm.formats.gguf_packed import SUPER_TYPES, ggml_groups, ggml_super
 from lutlm.kernels import cpu
-from lutlm.kernels.ggml_native import ggml_super_native, super_dot_layout
+from lutlm.kernels.ggml_native import super_dot_layout
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels are not built")
 
@@ -93,7 +94,7 @@ def check(y, y_ref, bound):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_level_decoding_is_gguf_bit_for_bit_and_native_is_numpy(kind):
+def test_two_level_decoding_is_gguf_bit_for_bit(kind):
     n, k = 7, 768
     raw = random_tensor(kind, n, k)
     sup = ggml_super(raw, kind, (n, k))
@@ -103,10 +104,6 @@ def test_two_level_decoding_is_gguf_bit_for_bit_and_native_is_numpy(kind):
     flat = (groups.zeros == -1) & (groups.codes.reshape(n, -1, sup.group_size) == 0).all(-1)  # constant groups
     same = ~np.repeat(flat, sup.group_size, axis=1)
     np.testing.assert_array_equal(sup.codes[same], groups.codes[same])  # the same codes, none flattened
-    native = ggml_super_native(raw, kind, (n, k))
-    for name in ("codes", "d", "dmin", "sc", "m"):
-        a, b = getattr(sup, name), getattr(native, name)
-        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and np.array_equal(a, b))), name
     assert (sup.m is None) == (SUPER_TYPES[kind][1] is not None)
 
 
@@ -116,9 +113,10 @@ def test_two_level_decoding_refuses_what_it_cannot_hold():
     f = random_fields("Q6_K", 1, np.random.default_rng(0))
     f["d"][:] = 60000  # d * 32 overflows fp16
     raw = encode_blocks("Q6_K", f["codes"], f["d"], f["dmin"], f.get("scales"), f.get("mins"))
-    for decode in (ggml_super, ggml_super_native):
-        with pytest.raises(ValueError, match="d times its zero does not fit fp16"):
-            decode(raw, "Q6_K", (1, 256))
+    with pytest.raises(ValueError, match="d times its zero does not fit fp16"):
+        ggml_super(raw, "Q6_K", (1, 256))
+    with pytest.raises(ValueError, match="d times its zero does not fit fp16"):
+        super_dot_layout(raw, "Q6_K", (1, 256))
 
 
 def test_layout_bytes_are_the_format_note():
@@ -146,7 +144,7 @@ def test_layout_bytes_are_the_format_note():
 def test_kernels_within_their_bounds_on_every_isa(kind, isa):
     cpu.set_isa(isa)
     n, k = 37, 768  # three tiles, the last partial
-    sup = ggml_super_native(random_tensor(kind, n, k, seed=3), kind, (n, k))
+    sup = ggml_super(random_tensor(kind, n, k, seed=3), kind, (n, k))
     h = handle_of(sup)
     w = torch.from_numpy(sup.dequantize())
     x = activations(9, k)
@@ -169,7 +167,7 @@ def test_threads_k_split_and_row_chunks_agree(kind):
     # 48 rows are 3 tiles: one token on 2 threads also splits K; 70 tokens span two token blocks.
     cpu.set_parallel_threshold(0)
     n, k = 48, 2304
-    sup = ggml_super_native(random_tensor(kind, n, k, seed=5), kind, (n, k))
+    sup = ggml_super(random_tensor(kind, n, k, seed=5), kind, (n, k))
     h, chunked = handle_of(sup), handle_of(sup, chunk_rows=16)
     assert torch.equal(h.codes, chunked.codes) and torch.equal(h.scales, chunked.scales)
     w = torch.from_numpy(sup.dequantize())
@@ -206,7 +204,7 @@ def test_fewer_bytes_than_fp16_scales():
     n, k = 64, 4096
     for kind, bits_per_weight in (("Q2_K", 2.625), ("Q3_K", 3.625), ("Q4_K", 4.625), ("Q5_K", 5.625),
                                   ("Q6_K", 6.625)):
-        h = handle_of(ggml_super_native(random_tensor(kind, n, k), kind, (n, k)))
+        h = handle_of(ggml_super(random_tensor(kind, n, k), kind, (n, k)))
         assert h.nbytes * 8 / (n * k) == bits_per_weight, kind
 
 

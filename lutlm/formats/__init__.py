@@ -12,6 +12,7 @@ still checks every tensor's name, type and shape, so a bad file is refused at on
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,23 @@ class TokenizerSpec:
 # The GGUF vocabularies lutlm.tokenizer builds: byte-level BPE with one of these pre-tokenizers.
 GGUF_TOKENIZER_MODELS = ("gpt2",)
 GGUF_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama3", "llama-bpe", "llama-v3")
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in `path` (a model folder's config.json or lutlm.json); anything else, text
+    that is not UTF-8 or JSON nested beyond the parser's depth included, is a one-line ValueError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deep)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the file holds a JSON {type(value).__name__}; expected an object")
+    return value
 
 
 def check_gguf_vocabulary(spec: TokenizerSpec, source: str, prefix: str) -> None:

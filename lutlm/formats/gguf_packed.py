@@ -298,8 +298,8 @@ def _super_fields(kind: str, b: np.ndarray):
 
 def ggml_super(raw: np.ndarray, kind: str | int, shape: tuple[int, int]) -> SuperCodes:
     """One [N, K] K-quant tensor's raw blocks -> its codes and own two-level scales, numpy (the
-    reference of lutlm.kernels.ggml_native.ggml_super_native). Codes are ggml_groups' codes
-    with no group flattened."""
+    reference of lutlm.kernels.ggml_native.super_dot_layout, which lays the same out in C++).
+    Codes are ggml_groups' codes with no group flattened."""
     kind = type_name(kind)
     if kind not in SUPER_TYPES:
         raise ValueError(f"ggml type {kind} has no two-level scales: those are {', '.join(SUPER_TYPES)}")

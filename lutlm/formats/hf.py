@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 
 import torch
@@ -16,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
 from lutlm.config import ConfigError, ModelConfig, is_whole, shown
-from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec
+from lutlm.formats import Checkpoint, LazyTensors, TokenizerSpec, read_json_object
 from lutlm.formats.llama_layout import check_shapes, expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -34,18 +33,7 @@ def _read_json(path: str, required: bool = True) -> dict:
         if required:
             raise FileNotFoundError(f"{path}: not found (a Hugging Face model folder needs it)")
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: invalid JSON: nested too deep") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: the file holds a JSON {type(value).__name__}; expected an object")
-    return value
+    return read_json_object(path)
 
 
 def _token_ids(value, path: str, key: str) -> list[int]:

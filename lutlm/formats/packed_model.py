@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lutlm.config import ConfigError, ModelConfig, is_whole, shown
-from lutlm.formats import Checkpoint, TokenizerSpec, check_gguf_vocabulary
+from lutlm.formats import Checkpoint, TokenizerSpec, check_gguf_vocabulary, read_json_object
 from lutlm.formats.llama_layout import LAYER_NAME, check_shapes, expected_shapes
 from lutlm.formats.packed import PackedWeight, check_config
 
@@ -197,17 +197,7 @@ def read_meta(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}, so not a lutlm packed model folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON (nested too deep)") from None
-    if not isinstance(meta, dict):
-        _fail(path, f"the file holds a JSON {type(meta).__name__}; expected an object")
+    meta = read_json_object(path)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         _fail(path, f"format {shown(meta.get('format'))} version {shown(meta.get('version'))}, "
                     f"expected {FORMAT!r} version {VERSION}")

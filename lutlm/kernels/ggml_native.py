@@ -13,8 +13,7 @@ import ctypes
 import numpy as np
 
 from lutlm.formats.ggml_quants import type_name
-from lutlm.formats.gguf_packed import (LAYOUTS, SUPER_TYPES, SUPER_WEIGHTS, GroupedCodes, SuperCodes, _check_size,
-                                       ggml_groups, ggml_super)
+from lutlm.formats.gguf_packed import LAYOUTS, SUPER_TYPES, SUPER_WEIGHTS, GroupedCodes, _check_size, ggml_groups
 
 
 _declared = False
@@ -33,8 +32,6 @@ def _library() -> ctypes.CDLL | None:
         p = ctypes.c_void_p
         lib.lutlm_ggml_groups.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, p, p, p]
         lib.lutlm_ggml_groups.restype = ctypes.c_int
-        lib.lutlm_ggml_super.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, p, p, p, p, p]
-        lib.lutlm_ggml_super.restype = ctypes.c_int
         lib.lutlm_ggml_super_dot.argtypes = [ctypes.c_int, p, ctypes.c_int64, ctypes.c_int64, p, p, p]
         lib.lutlm_ggml_super_dot.restype = ctypes.c_int
         lib.lutlm_float_to_half.argtypes = [p, ctypes.c_int64, p]
@@ -75,37 +72,11 @@ def ggml_groups_native(raw: np.ndarray, kind: str | int, shape: tuple[int, int])
     return GroupedCodes(codes, scales, zeros, lay.bits, lay.group_size, ternary)
 
 
-def ggml_super_native(raw: np.ndarray, kind: str | int, shape: tuple[int, int]) -> SuperCodes:
-    """One [N, K] K-quant tensor's raw blocks -> its codes and two-level scales, decoded in C++
-    (numpy's ggml_super where the library is not built): the same arrays."""
-    from gguf import GGMLQuantizationType
-
-    lib = _library()
-    kind = type_name(kind)
-    if lib is None or kind not in SUPER_TYPES:
-        return ggml_super(raw, kind, shape)  # the reference, or its clear error
-    raw, n, k = _check_size(raw, kind, shape)
-    lay = LAYOUTS[kind]
-    layout, zero = SUPER_TYPES[kind]
-    codes = np.empty((n, k), dtype=np.uint8)
-    d = np.empty((n, k // SUPER_WEIGHTS), dtype=np.float16)
-    dmin = np.empty_like(d)
-    sc = np.empty((n, k // lay.group_size), dtype=np.int8)
-    m = None if zero is not None else np.empty_like(sc)
-    rc = lib.lutlm_ggml_super(int(GGMLQuantizationType[kind]), _ptr(raw), n, k, _ptr(codes), _ptr(d), _ptr(dmin),
-                              _ptr(sc), None if m is None else _ptr(m))
-    if rc == -2:
-        raise ValueError(f"a {kind} block's d times its zero does not fit fp16")
-    if rc < 0:
-        raise ValueError(f"the native decoder refused a {kind} tensor of shape {(n, k)}")
-    return SuperCodes(codes, d, dmin, sc, m, lay.bits, lay.group_size, layout, zero)
-
-
 def super_dot_layout(raw: np.ndarray, kind: str | int, shape: tuple[int, int], row_of: np.ndarray | None = None):
     """One [N, K] K-quant tensor's raw blocks straight into the CPU dot kernels' layout with its
     own two-level scales (a LutWeight), rows taken in the order `row_of` (output row -> source
     row) gives: decoded and laid out a tile at a time in C++ on the kernels' threads, the
-    bytes lutlm.kernels.cpu.prepare_super_rows writes from ggml_super's arrays."""
+    bytes lutlm.kernels.cpu.prepare_super_rows writes from gguf_packed.ggml_super's arrays."""
     import torch
     from gguf import GGMLQuantizationType
 

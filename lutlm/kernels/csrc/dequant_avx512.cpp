@@ -209,7 +209,8 @@ void tile_super(const Geometry *g, int64_t tile, int64_t qb0, int64_t qb1, const
     for (int64_t qb = qb0; qb < qb1;) {
         int j0;
         const uint8_t *sb = lutlm_super_scales(g, tile, groups_per_qb * qb, &j0);
-        const int64_t end = qb1 < qb - j0 / groups_per_qb + qb_per_super ? qb1 : qb - j0 / groups_per_qb + qb_per_super;
+        const int64_t start = qb - j0 / groups_per_qb; /* the super-block's first q-block */
+        const int64_t end = qb1 < start + qb_per_super ? qb1 : start + qb_per_super;
         __m512 scaled = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
         for (int j = j0; qb < end; qb++, wp += 64 * BITS, j += groups_per_qb) {
             __m512i acc[16];

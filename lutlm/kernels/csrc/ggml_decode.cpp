@@ -160,29 +160,37 @@ void decode_q2_k(const uint8_t *b, uint8_t *q, float *A, float *B) {
     crumbs256(b + 16, q);
 }
 
+/* q3_K's signed 6-bit sub-scale i (of 16) from its 12 packed bytes s. */
+inline int q3_k_scale(const uint8_t *s, int i) {
+    const int low = (s[i % 8] >> (4 * (i / 8))) & 0x0F, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (low | (high << 4)) - 32;
+}
+
 void decode_q3_k(const uint8_t *b, uint8_t *q, float *A, float *) {
-    const uint8_t *hmask = b, *sc = b + 96;
+    const uint8_t *hmask = b;
     const float d = field(b + 108);
-    for (int i = 0; i < 16; i++) {
-        const int low = (sc[i % 8] >> (4 * (i / 8))) & 0x0F, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        A[i] = d * (float)((low | (high << 4)) - 32);
-    }
+    for (int i = 0; i < 16; i++) A[i] = d * (float)q3_k_scale(b + 96, i);
     crumbs256(b + 32, q);
     /* bit 4h + s of hmask[l] is bit 2 of weight 128 h + 32 s + l = 32 (4h + s) + l */
     for (int i = 0; i < 8; i++)
         for (int l = 0; l < 32; l++) q[32 * i + l] |= (uint8_t)(((hmask[l] >> i) & 1) << 2);
 }
 
+/* q4_K/q5_K's 6-bit scale and min of sub-block i (of 8) from their 12 packed bytes s. */
+inline void k_sc_m(const uint8_t *s, int i, int *sc, int *m) {
+    if (i < 4) {
+        *sc = s[i] & 63;
+        *m = s[i + 4] & 63;
+    } else {
+        *sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4);
+        *m = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
+    }
+}
+
 void k_scale_min(const uint8_t *s, float d, float dmin, float *A, float *B) {
     for (int i = 0; i < 8; i++) {
         int sc, m;
-        if (i < 4) {
-            sc = s[i] & 63;
-            m = s[i + 4] & 63;
-        } else {
-            sc = (s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4);
-            m = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
-        }
+        k_sc_m(s, i, &sc, &m);
         A[i] = d * (float)sc;
         B[i] = dmin * (float)m;
     }
@@ -400,7 +408,7 @@ extern "C" LUTLM_API int lutlm_ggml_groups(int type, const uint8_t *raw, int64_t
 
 namespace {
 
-/* ---- The K-quants' own two-level scales (lutlm_ggml_super): per 256-weight block, fp16 d and
+/* ---- The K-quants' own two-level scales (lutlm_ggml_super_dot): per 256-weight block, fp16 d and
  * dmin and an integer sc (and m) per sub-block, w = (d sc) q - dmin m; for the symmetric Q3_K
  * and Q6_K, m = sc and dmin = d * zero (4, 32: exact in fp16 unless it overflows). ---- */
 
@@ -413,27 +421,18 @@ bool super_fields(const uint8_t *b, uint16_t *d, uint16_t *dmin, int8_t *sc, int
             *d = f16(b + 80), *dmin = f16(b + 82);
             for (int i = 0; i < 16; i++) sc[i] = (int8_t)(b[i] & 0x0F), m[i] = (int8_t)(b[i] >> 4);
             return true;
-        case Q3_K: {
-            const uint8_t *s = b + 96;
+        case Q3_K:
             *d = f16(b + 108);
-            for (int i = 0; i < 16; i++) {
-                const int low = (s[i % 8] >> (4 * (i / 8))) & 0x0F, high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-                sc[i] = (int8_t)((low | (high << 4)) - 32);
-            }
+            for (int i = 0; i < 16; i++) sc[i] = (int8_t)q3_k_scale(b + 96, i);
             *dmin = f2h(h2f(*d) * 4.0f);
             return (*dmin & 0x7c00u) != 0x7c00u;
-        }
         case Q4_K:
         case Q5_K:
             *d = f16(b), *dmin = f16(b + 2);
             for (int i = 0; i < 8; i++) {
-                const uint8_t *s = b + 4;
-                if (i < 4) {
-                    sc[i] = (int8_t)(s[i] & 63), m[i] = (int8_t)(s[i + 4] & 63);
-                } else {
-                    sc[i] = (int8_t)((s[i + 4] & 0x0F) | ((s[i - 4] >> 6) << 4));
-                    m[i] = (int8_t)((s[i + 4] >> 4) | ((s[i] >> 6) << 4));
-                }
+                int isc, im;
+                k_sc_m(b + 4, i, &isc, &im);
+                sc[i] = (int8_t)isc, m[i] = (int8_t)im;
             }
             return true;
         case Q6_K:
@@ -443,48 +442,6 @@ bool super_fields(const uint8_t *b, uint16_t *d, uint16_t *dmin, int8_t *sc, int
             return (*dmin & 0x7c00u) != 0x7c00u;
     }
     return false;
-}
-
-struct SuperJob {
-    const uint8_t *raw;
-    int64_t n_rows, k, rows_per_task;
-    uint8_t *codes;
-    uint16_t *d, *dmin;
-    int8_t *sc, *m; /* m: NULL for the symmetric types */
-    std::atomic<int> bad{0};
-};
-
-template <int TYPE>
-void run_super_rows(int task, void *arg) {
-    SuperJob &j = *(SuperJob *)arg;
-    const TypeInfo &t = *find_type(TYPE);
-    const int per_block = t.weights / t.group;
-    const int64_t blocks = j.k / t.weights;
-    float A[kMaxGroups], B[kMaxGroups];
-    int8_t m_unused[kMaxGroups];
-    bool ok = true;
-    const int64_t r0 = task * j.rows_per_task, r1 = std::min(j.n_rows, r0 + j.rows_per_task);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *b = j.raw + r * blocks * t.bytes;
-        for (int64_t i = 0; i < blocks; i++) {
-            const int64_t blk = r * blocks + i;
-            decode<TYPE>(b + i * t.bytes, j.codes + r * j.k + i * t.weights, A, B);
-            ok &= super_fields<TYPE>(b + i * t.bytes, j.d + blk, j.dmin + blk, j.sc + blk * per_block,
-                                     j.m ? j.m + blk * per_block : m_unused);
-        }
-    }
-    if (!ok) j.bad.store(1, std::memory_order_relaxed);
-}
-
-TaskFn super_task_for(int type) {
-    switch (type) {
-        case Q2_K: return run_super_rows<Q2_K>;
-        case Q3_K: return run_super_rows<Q3_K>;
-        case Q4_K: return run_super_rows<Q4_K>;
-        case Q5_K: return run_super_rows<Q5_K>;
-        case Q6_K: return run_super_rows<Q6_K>;
-    }
-    return nullptr;
 }
 
 /* Straight into the dot kernels' layout with super-block scales (lutlm.h): each task decodes
@@ -555,7 +512,7 @@ TaskFn super_dot_task_for(int type) {
  * (lutlm.h): out_codes (lutlm_dot_shape's code_bytes for the type's bits and group) and
  * out_scales (tiles x k / 256 x super_bytes: Q2_K nibbles, Q3_K and Q6_K symmetric, Q4_K and
  * Q5_K sc and m). row_of[r] is the source row of output row r (NULL: the same). The bytes
- * lutlm.kernels.cpu.prepare_super_rows writes from lutlm_ggml_super's arrays. Returns 0; -1
+ * lutlm.kernels.cpu.prepare_super_rows writes from lutlm.formats.gguf_packed.ggml_super's arrays. Returns 0; -1
  * for another type or a k that is not whole blocks; -2 when a dmin = d * zero overflows fp16. */
 extern "C" LUTLM_API int lutlm_ggml_super_dot(int type, const uint8_t *raw, int64_t n_rows, int64_t k,
                                               const int64_t *row_of, uint8_t *out_codes, uint8_t *out_scales) {
@@ -571,28 +528,6 @@ extern "C" LUTLM_API int lutlm_ggml_super_dot(int type, const uint8_t *raw, int6
     j.tiles = (n_rows + LUTLM_TILE_ROWS - 1) / LUTLM_TILE_ROWS;
     j.n_tasks = std::min<int64_t>(j.tiles, 8 * (int64_t)lutlm_get_num_threads());
     lutlm_parallel_for((int)j.n_tasks, fn, &j);
-    return j.bad.load() ? -2 : 0;
-}
-
-/* One [n_rows, k] K-quant tensor (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) into its codes uint8
- * [n_rows, k] (as lutlm_ggml_groups gives them, but no group flattened), fp16 d and dmin
- * [n_rows, k / 256] and int8 sc and m [n_rows, k / group] (m NULL for Q3_K and Q6_K, whose
- * dmin is d times their zero). Returns 0; -1 for another type or a k that is not whole
- * blocks; -2 when a dmin = d * zero overflows fp16. */
-extern "C" LUTLM_API int lutlm_ggml_super(int type, const uint8_t *raw, int64_t n_rows, int64_t k, uint8_t *codes,
-                                          uint16_t *d, uint16_t *dmin, int8_t *sc, int8_t *m) {
-    const TypeInfo *t = find_type(type);
-    const TaskFn fn = super_task_for(type);
-    const bool symmetric = type == Q3_K || type == Q6_K;
-    if (!t || !fn || n_rows < 0 || k <= 0 || k % t->weights || (m == nullptr) != symmetric) return -1;
-    if (n_rows == 0) return 0;
-    SuperJob j;
-    j.raw = raw, j.n_rows = n_rows, j.k = k, j.codes = codes, j.d = d, j.dmin = dmin, j.sc = sc, j.m = m;
-    const int64_t threads = lutlm_get_num_threads();
-    const int64_t min_rows = std::max<int64_t>(1, (64 << 10) / k);
-    j.rows_per_task = std::max(min_rows, (n_rows + 8 * threads - 1) / (8 * threads));
-    const int64_t n_tasks = (n_rows + j.rows_per_task - 1) / j.rows_per_task;
-    lutlm_parallel_for((int)n_tasks, fn, &j);
     return j.bad.load() ? -2 : 0;
 }
 
